@@ -1,0 +1,311 @@
+"""Dataclass schemas of the Hydra config groups, and the validation of a composed config.
+
+Every group (`model`, `method`, `bits`, `sampler`, `dataset`, `calib`, `eval`, `logger`,
+`paths`) has a dataclass here; `validate_config` merges the composed Hydra config into
+them (unknown keys and wrong types are errors naming the key) and then checks the
+combinations that types cannot express (formats, granularities, layer roles, sample counts).
+This module must not import torch: it runs before any model loads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+# Roles a model adapter assigns to its quantizable layers.
+LAYER_ROLES = ("qkv", "proj", "fc1", "fc2", "adaln", "embed", "final", "cross_attn", "conv")
+SAMPLER_KINDS = ("ddim", "dpm_solver", "ddpm")
+LABEL_MODES = ("balanced", "random")
+CALIB_TIMESTEP_MODES = ("uniform", "all", "random_per_sample")
+WEIGHT_SOURCES = ("local", "hub", "random")
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run; the message names the key and the valid choices."""
+
+
+@dataclass
+class PathsConfig:
+    root: str = "."
+    cache_dir: str = "${paths.root}/.cache/ditq"  # content-keyed artifacts (calibration, FP samples, features)
+    results_dir: str = "${paths.root}/results"  # the results store (one JSON row per run)
+    models_dir: str = "${paths.root}/checkpoints"  # where downloaded checkpoints go
+    data_dir: str = "${paths.root}/data"  # reference batches, prompt files, datasets
+    assets_dir: str = "."  # ditq's shipped assets (embedded models)
+    output_dir: str = "."  # this run's directory (Hydra sets it)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "???"
+    family: str = "dit"  # adapter registry key (ditq.models)
+    weights: str = "local"  # local: `path` in hub layout | hub: `hub_id` | random: build `arch`, random init
+    path: Optional[str] = None  # local directory in the hub layout (transformer/, scheduler/, vae/)
+    hub_id: Optional[str] = None  # e.g. facebook/DiT-XL-2-256
+    obtain_hint: Optional[str] = None  # how to get the weights when they are missing (no hub id)
+    arch: Dict[str, Any] = field(default_factory=dict)  # constructor kwargs when weights=random
+    resolution: int = 8  # image side in pixels
+    num_classes: int = 10
+    vae: Optional[str] = None  # null: pixel space; else a subfolder of `path` (e.g. "vae") or a hub id
+    vae_scale: float = 0.18215
+    cfg_channels: Optional[int] = None  # guidance on the first k output channels (original DiT: 3); null = all
+    clip_sample: bool = False  # clamp predicted x0 to [-1, 1] (pixel-space models)
+    dtype: str = "float32"
+
+
+@dataclass
+class BitsConfig:
+    name: str = "???"
+    weight: Optional[str] = None  # format name (ditq.quant.spec); null = full precision
+    act: Optional[str] = None
+    overrides: Dict[str, Any] = field(default_factory=dict)  # role -> {weight: fmt, act: fmt}
+
+
+@dataclass
+class MethodConfig:
+    name: str = "???"
+    # Ordered algorithm steps; each item is {name: <step>, ...step options}.
+    steps: List[Dict[str, Any]] = field(default_factory=list)
+    # Quantizer settings (everything but the format, which comes from `bits`):
+    # fields of ditq.quant.spec.QuantizerConfig.
+    weight: Dict[str, Any] = field(default_factory=dict)
+    act: Dict[str, Any] = field(default_factory=dict)
+    layers: List[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2", "adaln"])
+    needs_calibration: bool = False
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "???"
+    kind: str = "ddim"
+    num_steps: int = 50
+    cfg_scale: float = 1.5
+    eta: float = 0.0  # DDIM stochasticity; >0 draws per-sample noise from each sample's own RNG
+    timestep_spacing: str = "leading"  # diffusers' spacing; "leading" equals DiT's respaced DDIM
+    solver_order: int = 2  # DPM-Solver
+    algorithm: str = "dpmsolver++"  # DPM-Solver
+    batch_size: int = 500
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "???"
+    kind: str = "digits"  # digits | imagenet | coco
+    num_classes: int = 10
+    reference: Optional[str] = None  # reference statistics / images (e.g. ADM .npz); null: built in
+    root: Optional[str] = None
+    download_hint: Optional[str] = None  # how to obtain `reference` (shown when it is missing)
+
+
+@dataclass
+class CalibConfig:
+    num_samples: int = 64
+    seed_start: int = 1_000_000  # disjoint from evaluation seeds
+    labels: str = "balanced"
+    timesteps: str = "uniform"  # uniform: `num_timesteps` evenly spaced steps | all | random_per_sample (Q-DiT)
+    num_timesteps: int = 10
+    include_uncond: bool = True  # record the unconditional (cfg) branch too
+    max_tokens_per_layer: int = 4096  # random token subsample kept per layer
+    batch_size: int = 256
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 1000
+    seed_start: int = 0
+    labels: str = "balanced"
+    metrics: List[str] = field(default_factory=lambda: ["fid", "cls_acc", "psnr", "fid_to_fp"])
+    feature_net: str = "digits"
+    batch_size: int = 500
+    options: Dict[str, Any] = field(default_factory=dict)  # backend settings (ditq.metrics.Evaluator options)
+    save_samples: bool = True  # ADM-format .npz of the samples in the run dir
+    grid_size: int = 100  # images in the PNG grid saved per run (0: none)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "ditq"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TableConfig:
+    title: str = ""
+    rows: List[str] = field(default_factory=lambda: ["method.name", "bits.name"])  # config keys naming a row
+    columns: Dict[str, str] = field(default_factory=dict)  # result key -> header
+    paper: Dict[str, Any] = field(default_factory=dict)  # row label -> {column: paper value}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    bits: BitsConfig = field(default_factory=BitsConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    table: TableConfig = field(default_factory=TableConfig)
+    experiment: Optional[str] = None  # the experiment (table) this run belongs to
+    run_name: Optional[str] = None  # derived from config values when null
+    device: str = "auto"  # auto | cpu | cuda
+    dtype_inference: str = "float32"  # dtype of sampling (float32 | float16 | bfloat16)
+
+
+def _choices(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def _check_choice(key: str, value: str, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {_choices(valid)}")
+
+
+def _check_positive(key: str, value) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{key}={value!r} must be a positive number")
+
+
+def to_run_config(cfg: DictConfig | dict) -> DictConfig:
+    """Merge a composed config into the schema: unknown keys and wrong types name the key."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    cfg = {k: v for k, v in cfg.items() if k != "hydra"}
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        where = f" (key: {key})" if key else ""
+        raise ConfigError(f"invalid config{where}: {err.msg if hasattr(err, 'msg') else err}") from None
+    missing = OmegaConf.missing_keys(merged)
+    if missing:
+        raise ConfigError(f"config keys without a value: {', '.join(sorted(missing))}")
+    return merged
+
+
+def format_implied(fmt: str, role: str) -> dict[str, Any]:
+    """Quantizer settings a format dictates, whatever the method asks for:
+    block formats (mx*, nvfp4) scale their own blocks (per_block, symmetric, minmax; dynamic for
+    activations); signed FP grids are symmetric; uint/ufp grids carry a zero point. `symmetric`
+    in a method is thus the INT knob (signed symmetric grid vs unsigned grid with zero point)."""
+    from ditq.quant.spec import parse_format
+
+    spec = parse_format(fmt)
+    if spec.is_block:
+        implied: dict[str, Any] = {"granularity": "per_block", "group_size": None, "symmetric": True,
+                                   "range": "minmax"}
+        if role == "act":
+            implied["dynamic"] = True
+        return implied
+    if spec.needs_zero_point:
+        return {"symmetric": False}
+    if spec.family in ("fp", "ocp"):
+        return {"symmetric": True}
+    return {}
+
+
+def quantizer_config(method_side: dict, fmt: str, role: str, key: str):
+    """The full ditq.quant QuantizerConfig of one side (weight/act) of a method, validated:
+    the method's settings, then what the format dictates (`format_implied`)."""
+    from ditq.quant.spec import FormatError, QuantizerConfig, validate_quantizer_config
+
+    valid = {f.name for f in fields(QuantizerConfig)} - {"format"}
+    unknown = set(method_side) - valid
+    if unknown:
+        raise ConfigError(f"{key}: unknown quantizer option(s) {sorted(unknown)}; valid: {_choices(sorted(valid))}")
+    try:
+        side = {**dict(method_side), **format_implied(fmt, role)}
+        qcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QuantizerConfig(format=fmt)), side))
+        validate_quantizer_config(qcfg, role)
+    except (FormatError, ValueError, OmegaConfBaseException) as err:
+        raise ConfigError(f"{key} with format {fmt!r}: {err}") from None
+    return qcfg
+
+
+def validate_config(cfg: DictConfig | dict) -> DictConfig:
+    """Schema merge plus semantic checks. Returns the resolved, typed config."""
+    from ditq.quant.spec import FormatError, parse_format
+
+    run = to_run_config(cfg)
+    m = run.method
+    for role in m.layers:
+        _check_choice("method.layers[]", role, LAYER_ROLES)
+    for key, fmt in (("bits.weight", run.bits.weight), ("bits.act", run.bits.act)):
+        if fmt is not None:
+            try:
+                parse_format(fmt)
+            except FormatError as err:
+                raise ConfigError(f"{key}: {err}") from None
+    for role, ov in run.bits.overrides.items():
+        _check_choice("bits.overrides key", role, LAYER_ROLES)
+        for side in ov:
+            _check_choice(f"bits.overrides.{role} key", side, ("weight", "act"))
+            if ov[side] is not None:
+                try:
+                    parse_format(ov[side])
+                except FormatError as err:
+                    raise ConfigError(f"bits.overrides.{role}.{side}: {err}") from None
+    if run.bits.weight is not None:
+        quantizer_config(m.weight, run.bits.weight, "weight", "method.weight")
+    if run.bits.act is not None:
+        quantizer_config(m.act, run.bits.act, "act", "method.act")
+    from ditq.methods.registry import check_steps  # torch-free option check of each step
+
+    try:
+        check_steps(list(m.steps))
+    except ValueError as err:
+        raise ConfigError(f"method.steps: {err}") from None
+
+    _check_choice("sampler.kind", run.sampler.kind, SAMPLER_KINDS)
+    _check_positive("sampler.num_steps", run.sampler.num_steps)
+    _check_positive("sampler.batch_size", run.sampler.batch_size)
+    if run.sampler.cfg_scale < 1.0:
+        raise ConfigError(f"sampler.cfg_scale={run.sampler.cfg_scale} must be >= 1 (1 disables guidance)")
+    _check_choice("model.weights", run.model.weights, WEIGHT_SOURCES)
+    if run.model.weights == "local" and not run.model.path:
+        raise ConfigError("model.weights=local needs model.path (a directory in the hub layout)")
+    if run.model.weights == "hub" and not run.model.hub_id:
+        raise ConfigError("model.weights=hub needs model.hub_id")
+    _check_choice("eval.labels", run.eval.labels, LABEL_MODES)
+    _check_choice("calib.labels", run.calib.labels, LABEL_MODES)
+    _check_choice("calib.timesteps", run.calib.timesteps, CALIB_TIMESTEP_MODES)
+    _check_positive("eval.num_samples", run.eval.num_samples)
+    _check_positive("eval.batch_size", run.eval.batch_size)
+    _check_positive("calib.num_samples", run.calib.num_samples)
+    _check_positive("calib.num_timesteps", run.calib.num_timesteps)
+    if run.calib.num_timesteps > run.sampler.num_steps and run.calib.timesteps == "uniform":
+        raise ConfigError(
+            f"calib.num_timesteps={run.calib.num_timesteps} exceeds sampler.num_steps={run.sampler.num_steps}"
+        )
+    eval_seeds = range(run.eval.seed_start, run.eval.seed_start + run.eval.num_samples)
+    calib_seeds = range(run.calib.seed_start, run.calib.seed_start + run.calib.num_samples)
+    if eval_seeds.start < calib_seeds.stop and calib_seeds.start < eval_seeds.stop:
+        raise ConfigError(
+            "calib seeds overlap eval seeds: calibrating on the evaluated images biases the result; "
+            "move calib.seed_start or eval.seed_start"
+        )
+    _check_choice("logger.mode", run.logger.mode, ("offline", "online", "disabled"))
+    _check_choice("device", run.device, ("auto", "cpu", "cuda"))
+    _check_choice("dtype_inference", run.dtype_inference, ("float32", "float16", "bfloat16"))
+    if run.run_name is None:
+        run.run_name = derive_run_name(run)
+    return run
+
+
+def is_full_precision(run: DictConfig) -> bool:
+    return run.bits.weight is None and run.bits.act is None and not run.bits.overrides
+
+
+def derive_run_name(run: DictConfig) -> str:
+    """A run name built from config values only (never typed by hand)."""
+    quant = "fp" if is_full_precision(run) else f"{run.method.name}-{run.bits.name}"
+    return f"{run.model.name}-{quant}-{run.sampler.name}-cfg{run.sampler.cfg_scale:g}-n{run.eval.num_samples}"

@@ -1,0 +1,13 @@
+"""Model family name -> adapter class."""
+from __future__ import annotations
+
+from ditq.models.base import ModelAdapter
+
+
+def load_adapter(cfg, device: str = "cpu", dtype: str = "float32") -> ModelAdapter:
+    family = cfg.family
+    if family == "dit":
+        from ditq.models.dit import DiTAdapter
+
+        return DiTAdapter(cfg, device=device, dtype=dtype)
+    raise ValueError(f"model.family={family!r} is not known; choose one of: dit")

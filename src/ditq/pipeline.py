@@ -1,0 +1,240 @@
+"""One run: preflight -> load -> FP samples -> (calibrate -> quantize -> sample) -> score -> record.
+
+Each stage lives in its own package; this module only wires them together. Everything that can
+fail on bad input (config, reference data, metric weights, checkpoints) is checked before any
+sampling. Expensive artifacts (FP samples, calibration inputs, layer inputs, reference
+statistics and FP features) come from the content-keyed disk cache when they exist.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+import ditq
+from ditq.config.schema import is_full_precision
+from ditq.utils.cache import DiskCache
+from ditq.utils.timing import Timings
+
+log = logging.getLogger(__name__)
+
+# Bump when a change alters what cached samples / calibration data contain.
+SAMPLES_VERSION = 1
+CALIB_VERSION = 1
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+    return name
+
+
+def build_reference(dataset_cfg):
+    """The real data a run is scored against."""
+    from ditq.metrics import Reference
+
+    if dataset_cfg.kind == "digits":
+        from ditq.data.digits import real_digits_uint8
+
+        images, labels = real_digits_uint8()
+        return Reference.from_images(images, spec={"dataset": "sklearn_digits", "n": len(images), "v": 1}, labels=labels)
+    if dataset_cfg.reference is None:
+        raise FileNotFoundError(f"dataset '{dataset_cfg.name}' needs dataset.reference (a reference batch .npz)")
+    path = Path(dataset_cfg.reference)
+    if not path.is_file():
+        hint = f" Download it from {dataset_cfg.download_hint} to {path}," if dataset_cfg.download_hint else ""
+        raise FileNotFoundError(
+            f"reference batch for dataset '{dataset_cfg.name}' not found at {path}.{hint} "
+            "or set dataset.reference=/path/to/file.npz."
+        )
+    return Reference.from_adm_npz(path)
+
+
+def sampler_spec(run) -> dict:
+    return {**OmegaConf.to_container(run.sampler, resolve=True), "clip_sample": run.model.clip_sample}
+
+
+def sample_images(adapter, sampler, seeds: list[int], labels: torch.Tensor, *, cache: DiskCache | None,
+                  spec: dict | None, desc: str) -> torch.Tensor:
+    """uint8 NCHW images of `seeds`, in shards of sampler.batch_size seeds; with a cache, each
+    finished shard is stored, so an interrupted run resumes from the shards it completed."""
+    bs = sampler.cfg.batch_size
+    out = []
+    for b in range(0, len(seeds), bs):
+        shard_seeds, shard_labels = seeds[b : b + bs], labels[b : b + bs]
+
+        def build():
+            with torch.no_grad():
+                x = sampler.sample(shard_seeds, shard_labels, batch_size=bs,
+                                   desc=f"{desc} [{b}:{b + len(shard_seeds)}/{len(seeds)}]")
+                return adapter.decode(x.to(adapter.device)).cpu()
+
+        if cache is None or spec is None:
+            out.append(build())
+        else:
+            shard_spec = {**spec, "seeds": [shard_seeds[0], len(shard_seeds)], "labels": shard_labels.tolist()}
+            out.append(cache.get_or_create("samples", shard_spec, build))
+    return torch.cat(out)
+
+
+def element_bits(fmt: str | None) -> int | str:
+    if fmt is None:
+        return 32
+    from ditq.quant.spec import parse_format
+
+    return parse_format(fmt).bits
+
+
+def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int | None = None,
+        progress: bool = True) -> dict[str, Any]:
+    """Execute one validated run config; returns the result row (already stored and logged)."""
+    from ditq.calibration import collect_layer_inputs, collect_trajectory_inputs
+    from ditq.methods.base import QuantContext
+    from ditq.methods.registry import build_steps
+    from ditq.methods.wrap import wrap_layers
+    from ditq.metrics import Evaluator
+    from ditq.models import load_adapter
+    from ditq.sampling import Sampler, labels_for_seeds
+    from ditq.tracking.store import ResultsStore
+    from ditq.metrics import write_adm_npz
+    from ditq.utils.images import save_grid
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    timings = Timings()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fp_run = is_full_precision(run)
+    cache = DiskCache(run.paths.cache_dir)
+    device = resolve_device(run.device)
+    metrics = list(run.eval.metrics)
+    if fp_run:  # paired metrics of the FP model against itself are trivial
+        metrics = [m for m in metrics if m not in ("psnr", "ssim", "lpips", "fid_to_fp")]
+
+    # -- preflight: every bad input fails here, before the model loads ----------------------------
+    with timings("preflight"):
+        evaluator = Evaluator(metrics, feature_net=run.eval.feature_net, cache=cache,
+                              batch_size=run.eval.batch_size, device=device, options=dict(run.eval.options))
+        reference = build_reference(run.dataset)
+        evaluator.check(reference=reference, has_prompts=False, has_fp_images=not fp_run, has_labels=True)
+        steps = [] if fp_run else build_steps(list(run.method.steps))
+
+    with timings("load"):
+        adapter = load_adapter(run.model, device=device, dtype=run.dtype_inference)
+    sampler = Sampler(adapter, run.sampler, clip_sample=run.model.clip_sample)
+    seeds = list(range(run.eval.seed_start, run.eval.seed_start + run.eval.num_samples))
+    labels = labels_for_seeds(seeds, adapter.num_classes, run.eval.labels)
+    model_fp = adapter.fingerprint()
+    fp_spec = {"v": SAMPLES_VERSION, "model": model_fp, "sampler": sampler_spec(run), "dtype": run.dtype_inference,
+               "label_mode": run.eval.labels}
+
+    with timings("fp_sample"):
+        fp_images = sample_images(adapter, sampler, seeds, labels, cache=cache, spec=fp_spec, desc="FP samples")
+
+    diagnostics: dict[str, Any] = {}
+    bits_of: dict[str, float] = {}
+    if fp_run:
+        images = fp_images
+    else:
+        calib_spec = {"v": CALIB_VERSION, "model": model_fp, "sampler": sampler_spec(run),
+                      "calib": OmegaConf.to_container(run.calib, resolve=True), "dtype": run.dtype_inference}
+
+        def trajectory_inputs():
+            return cache.get_or_create(
+                "calib_inputs", calib_spec,
+                lambda: collect_trajectory_inputs(sampler, run.calib, adapter.num_classes, progress=progress))
+
+        layer_names: list[str] = []
+
+        def layer_inputs():
+            spec = {**calib_spec, "layers": layer_names, "max_tokens": run.calib.max_tokens_per_layer,
+                    "uncond": run.calib.include_uncond and run.sampler.cfg_scale > 1}
+            return cache.get_or_create(
+                "layer_inputs", spec,
+                lambda: collect_layer_inputs(adapter, trajectory_inputs(), layer_names, run.calib.max_tokens_per_layer,
+                                             include_uncond=spec["uncond"], batch_size=run.calib.batch_size,
+                                             progress=progress))
+
+        with timings("quantize"):
+            qlayers, roles = wrap_layers(adapter, run)
+            layer_names.extend(qlayers)
+            ctx = QuantContext(adapter=adapter, run=run, qlayers=qlayers, roles=roles, layer_inputs=layer_inputs,
+                               diagnostics=diagnostics)
+            needs = any(s.needs_layer_inputs(ctx) for s in steps)
+            if needs:
+                # FP layer inputs are recorded before any step changes the model
+                for q in qlayers.values():
+                    q.quant_enabled = False
+                with timings("calibrate"):
+                    layer_inputs()
+                for q in qlayers.values():
+                    q.quant_enabled = True
+            for step in steps:
+                with timings(f"step_{step.name}"):
+                    step.apply(ctx)
+        bits_of = {n: q.bits_per_weight() for n, q in qlayers.items() if q.weight_quantizer is not None}
+        with timings("sample"):
+            images = sample_images(adapter, sampler, seeds, labels, cache=None, spec=None, desc=f"{run.method.name} {run.bits.name}")
+
+    with timings("score"):
+        scores = evaluator.evaluate(images, labels=labels, reference=reference,
+                                    fp_images=None if fp_run else fp_images, fp_spec=fp_spec)
+
+    grid_path = None
+    if run.eval.grid_size > 0:
+        n = min(run.eval.grid_size, len(images))
+        upscale = max(1, 64 // images.shape[-1])
+        grid_path = save_grid(images[:n], output_dir / "samples_grid.png", upscale=upscale)
+    if run.eval.save_samples:
+        write_adm_npz(output_dir / "samples.npz", images, labels)
+
+    total_bits = adapter.parameter_bits(bits_of)
+    row: dict[str, Any] = {
+        "run_name": run.run_name,
+        "experiment": run.experiment,
+        "sweep_dir": str(Path(sweep_dir).resolve()) if sweep_dir else None,
+        "job_num": job_num,
+        "output_dir": str(output_dir.resolve()),
+        "started": started,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "is_fp": fp_run,
+        "wbits": element_bits(run.bits.weight),
+        "abits": element_bits(run.bits.act),
+        "metrics": {k: float(v) for k, v in scores.items()},
+        "metric_settings": evaluator.settings(),
+        "protocol": {
+            "model": run.model.name,
+            "sampler": run.sampler.kind,
+            "steps": run.sampler.num_steps,
+            "cfg_scale": run.sampler.cfg_scale,
+            "cfg_channels": run.model.cfg_channels,
+            "num_samples": run.eval.num_samples,
+            "seeds": [seeds[0], len(seeds)],
+            "labels": run.eval.labels,
+            "dtype": run.dtype_inference,
+            "reference": run.dataset.name,
+            "feature_net": run.eval.feature_net,
+        },
+        "size_mb": total_bits / 8 / 1e6,
+        "bits_per_weight": (sum(bits_of.values()) / len(bits_of)) if bits_of else 32.0,
+        "quantized_layers": len(bits_of),
+        "timings": {**timings.seconds, "total_s": timings.total(),
+                    "sample_s": timings.seconds.get("fp_sample" if fp_run else "sample", 0.0)},
+        "diagnostics": diagnostics,
+        "environment": {"ditq": ditq.__version__, "torch": torch.__version__, "device": device,
+                        "threads": torch.get_num_threads(), "python": platform.python_version()},
+        "config": OmegaConf.to_container(run, resolve=True),
+    }
+    path = ResultsStore(run.paths.results_dir).append(row)
+    log.info("result row written to %s", path)
+    if run.logger.wandb and run.logger.mode != "disabled":
+        from ditq.tracking.wandb_log import log_run
+
+        log_run(row, run.logger, output_dir, OmegaConf.to_container(run.table, resolve=True), grid_path)
+    return row

@@ -1,0 +1,161 @@
+"""QuantLinear / QuantConv2d: a layer with a weight quantizer and an input-activation quantizer.
+
+The full-precision `weight` and `bias` stay parameters (GPTQ / AdaRound overwrite `weight.data`
+and call `refresh()`); the fake-quantized weight is cached by `refresh()` and reused at every
+forward. A quantizer of None keeps that side in full precision; `quant_enabled = False` makes the
+whole layer full precision (e.g. while recording FP calibration inputs). Set `cache_weight = False` to
+re-quantize the weight at every forward instead (gradients then reach `weight` straight through).
+In CPU inference (grad disabled, no hooks on the activation quantizer) the quantized input is
+written into a reused per-thread buffer, saving a large allocation per call; `reuse_act_buffer =
+False` turns that off.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizer import Quantizer
+
+__all__ = ["QuantLinear", "QuantConv2d"]
+
+
+def _scratch_is_safe(quantizer: Quantizer, x: torch.Tensor) -> bool:
+    """The quantized input may live in a reused buffer only if nothing can keep a reference to it:
+    no autograd (it would save the input for backward), no hooks that could store the quantizer's
+    output, float32 CPU tensors (elsewhere allocation is cheap)."""
+    return (
+        not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not quantizer._forward_hooks
+        and not quantizer._forward_pre_hooks
+        and not getattr(nn.modules.module, "_global_forward_hooks", None)
+        and not getattr(nn.modules.module, "_global_forward_pre_hooks", None)
+    )
+
+
+def _refresh_after_load(module: "_QuantLayer", _incompatible_keys) -> None:
+    module.refresh()  # loading replaces weight / quantizer buffers: the cached weight is stale
+
+
+class _QuantLayer(nn.Module):
+    """Shared weight caching, bit accounting and display."""
+
+    def _init_quant(self, layer: nn.Module, weight_quantizer, act_quantizer, name: str) -> None:
+        self.weight = layer.weight
+        if layer.bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = layer.bias
+        self.weight_quantizer: Optional[Quantizer] = weight_quantizer
+        self.act_quantizer: Optional[Quantizer] = act_quantizer
+        self.name = name
+        self.quant_enabled = True  # False: forward is the full-precision layer (e.g. to record FP inputs)
+        self.cache_weight = True
+        self.reuse_act_buffer = True  # CPU inference: quantized input in a reused buffer (see _scratch_is_safe)
+        self.register_buffer("w_hat", None, persistent=False)
+        self.refresh()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute the cached fake-quantized weight from `weight` (call after changing either)."""
+        wq = self.weight_quantizer
+        self.w_hat = None if wq is None else wq(self.weight.detach())
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the forward uses: cached, freshly quantized (cache_weight False), or FP."""
+        if self.weight_quantizer is None or not self.quant_enabled:
+            return self.weight
+        if self.cache_weight:
+            if self.w_hat is None or self.w_hat.shape != self.weight.shape:
+                self.refresh()
+            return self.w_hat
+        return self.weight_quantizer(self.weight)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        aq = self.act_quantizer
+        if aq is None or not self.quant_enabled:
+            return x
+        if self.reuse_act_buffer and _scratch_is_safe(aq, x):
+            return aq.forward_into_scratch(x)  # consumed by this layer's matmul before anyone else runs
+        return aq(x)
+
+    def bits_per_weight(self) -> float:
+        """Element bits plus scale / zero-point overhead per weight (FP dtype bits when unquantized)."""
+        if self.weight_quantizer is None:
+            return float(self.weight.element_size() * 8)
+        return self.weight_quantizer.bits_per_weight(tuple(self.weight.shape))
+
+    def _quant_repr(self) -> str:
+        w = "fp" if self.weight_quantizer is None else self.weight_quantizer.describe()
+        a = "fp" if self.act_quantizer is None else self.act_quantizer.describe()
+        name = f"name={self.name!r}, " if self.name else ""
+        return f"{name}w=[{w}], a=[{a}]"
+
+
+class QuantLinear(_QuantLayer):
+    """nn.Linear with fake-quantized input and cached fake-quantized weight."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        weight_quantizer: Optional[Quantizer] = None,
+        act_quantizer: Optional[Quantizer] = None,
+        name: str = "",
+    ):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._init_quant(linear, weight_quantizer, act_quantizer, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self._quant_repr()}"
+        )
+
+
+class QuantConv2d(_QuantLayer):
+    """nn.Conv2d with the same interface: weights quantized as [out, in*kh*kw], the activation
+    quantizer applied with channels moved last ([B, H, W, C])."""
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        weight_quantizer: Optional[Quantizer] = None,
+        act_quantizer: Optional[Quantizer] = None,
+        name: str = "",
+    ):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(
+                f"QuantConv2d supports padding_mode='zeros', got {conv.padding_mode!r}; "
+                "pad the input explicitly and use padding=0"
+            )
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self._init_quant(conv, weight_quantizer, act_quantizer, name)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quantizer is None or not self.quant_enabled:
+            return x
+        return self.act_quantizer(x.movedim(1, -1)).movedim(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(
+            self.quantize_input(x), self.quantized_weight(), self.bias,
+            self.stride, self.padding, self.dilation, self.groups,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, {self._quant_repr()}"
+        )

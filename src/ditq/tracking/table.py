@@ -1,0 +1,139 @@
+"""Render result rows as a table laid out like a paper's table (ours next to the paper's numbers).
+
+    ditq-table --experiment digits/rtn_table            # latest sweep of that experiment
+    ditq-table --sweep outputs/multirun/...              # one sweep
+    ditq-table --experiment digits/rtn_table --format csv
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+DEFAULT_COLUMNS = {
+    "fid": "FID",
+    "fid_to_fp": "FID to FP",
+    "psnr": "PSNR vs FP (dB)",
+    "cls_acc": "Class acc.",
+    "size_mb": "Size (MB)",
+    "sample_s": "Sampling (s)",
+}
+
+
+def lookup(row: dict, key: str) -> Any:
+    """A value of a row by dotted key: metrics first, then top-level fields, then the config."""
+    if key in row.get("metrics", {}):
+        return row["metrics"][key]
+    if key in row.get("timings", {}):
+        return row["timings"][key]
+    if key in row:
+        return row[key]
+    node: Any = row.get("config", {})
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def row_label(row: dict, keys: list[str]) -> str:
+    if row.get("is_fp"):
+        return "FP"
+    return " ".join(str(lookup(row, k)) for k in keys)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf"
+        return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
+    return str(v)
+
+
+def table_rows(rows: list[dict], table: dict | None) -> tuple[list[str], list[list[str]]]:
+    table = table or {}
+    keys = list(table.get("rows") or ["method.name", "bits.name"])
+    columns = dict(table.get("columns") or DEFAULT_COLUMNS)
+    paper = table.get("paper") or {}
+    header = ["Method", "W/A"] + list(columns.values())
+    body = []
+    # FP first, then the order runs were launched in
+    ordered = sorted(rows, key=lambda r: (not r.get("is_fp"), r.get("job_num", 0), r.get("run_id", "")))
+    for r in ordered:
+        label = row_label(r, keys)
+        wa = "32/32" if r.get("is_fp") else f"{r.get('wbits', '-')}/{r.get('abits', '-')}"
+        cells = [label, wa]
+        for key in columns:
+            ours = _fmt(lookup(r, key))
+            ref = paper.get(label, {}).get(key) if isinstance(paper.get(label), dict) else None
+            cells.append(f"{ours} ({_fmt(ref)})" if ref is not None else ours)
+        body.append(cells)
+    return header, body
+
+
+def render_markdown(rows: list[dict], table: dict | None, title: str | None = None) -> str:
+    header, body = table_rows(rows, table)
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = []
+    if title:
+        lines.append(f"### {title}")
+    lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for b in body:
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(b, widths)) + " |")
+    if table and table.get("paper"):
+        lines.append("(paper's numbers in parentheses)")
+    return "\n".join(lines)
+
+
+def render_csv(rows: list[dict], table: dict | None) -> str:
+    import csv
+    import io
+
+    header, body = table_rows(rows, table)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(body)
+    return buf.getvalue()
+
+
+def latest_sweep(rows: list[dict]) -> str | None:
+    sweeps = [(r.get("finished"), r.get("sweep_dir")) for r in rows if r.get("sweep_dir")]
+    return max(sweeps)[1] if sweeps else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ditq.paths import project_root
+    from ditq.tracking.store import ResultsStore
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=str(project_root() / "results"), help="results store directory")
+    p.add_argument("--experiment", help="experiment name (e.g. digits/rtn_table)")
+    p.add_argument("--sweep", help="a multirun sweep directory; default: the experiment's latest")
+    p.add_argument("--all", action="store_true", help="every row of the experiment, not only one sweep")
+    p.add_argument("--format", choices=["md", "csv"], default="md")
+    args = p.parse_args(argv)
+
+    rows = list(ResultsStore(args.results).rows())
+    if args.experiment:
+        rows = [r for r in rows if r.get("experiment") == args.experiment]
+    if not args.all:
+        sweep = args.sweep or latest_sweep(rows)
+        if sweep:
+            rows = [r for r in rows if r.get("sweep_dir") == sweep]
+    if not rows:
+        raise SystemExit(f"no result rows found in {args.results} for the given filters")
+    table = rows[-1].get("config", {}).get("table")
+    if args.format == "md":
+        print(render_markdown(rows, table, title=(table or {}).get("title")))
+    else:
+        print(render_csv(rows, table), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training scripts for the embedded models (their outputs ship in ditq/assets)."""

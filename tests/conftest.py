@@ -1,0 +1,51 @@
+"""Shared fixtures: offline environment, composed configs shrunk to seconds."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
+
+# Overrides that shrink any run on the embedded model to a few seconds.
+SHRINK = [
+    "eval.num_samples=20",
+    "eval.batch_size=20",
+    "eval.grid_size=20",
+    "sampler.num_steps=4",
+    "sampler.batch_size=10",
+    "calib.num_samples=8",
+    "calib.num_timesteps=2",
+    "calib.batch_size=8",
+    "calib.max_tokens_per_layer=256",
+    "logger=none",
+]
+
+
+@pytest.fixture
+def tmp_paths(tmp_path):
+    """Overrides sending cache, results and outputs to a temporary directory."""
+    return [
+        f"paths.cache_dir={tmp_path}/cache",
+        f"paths.results_dir={tmp_path}/results",
+        f"hydra.run.dir={tmp_path}/run",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]
+
+
+@pytest.fixture
+def compose():
+    """compose(overrides) -> the composed (unvalidated) Hydra config."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import ditq.config  # noqa: F401  (registers resolvers)
+    from ditq.paths import config_dir
+
+    def _compose(overrides=(), return_hydra_config=False):
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+    return _compose
