@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ditq.config import validate_config
 from ditq.tracking.store import ResultsStore

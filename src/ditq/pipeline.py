@@ -151,15 +151,18 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
                 lambda: collect_trajectory_inputs(sampler, run.calib, adapter.num_classes, progress=progress))
 
         layer_names: list[str] = []
+        memo: dict[str, Any] = {}
 
         def layer_inputs():
-            spec = {**calib_spec, "layers": layer_names, "max_tokens": run.calib.max_tokens_per_layer,
-                    "uncond": run.calib.include_uncond and run.sampler.cfg_scale > 1}
-            return cache.get_or_create(
-                "layer_inputs", spec,
-                lambda: collect_layer_inputs(adapter, trajectory_inputs(), layer_names, run.calib.max_tokens_per_layer,
-                                             include_uncond=spec["uncond"], batch_size=run.calib.batch_size,
-                                             progress=progress))
+            if "inputs" not in memo:
+                spec = {**calib_spec, "layers": layer_names, "max_tokens": run.calib.max_tokens_per_layer,
+                        "uncond": run.calib.include_uncond and run.sampler.cfg_scale > 1}
+                memo["inputs"] = cache.get_or_create(
+                    "layer_inputs", spec,
+                    lambda: collect_layer_inputs(adapter, trajectory_inputs(), layer_names,
+                                                 run.calib.max_tokens_per_layer, include_uncond=spec["uncond"],
+                                                 batch_size=run.calib.batch_size, progress=progress))
+            return memo["inputs"]
 
         with timings("quantize"):
             qlayers, roles = wrap_layers(adapter, run)

@@ -25,9 +25,7 @@ import logging
 import torch
 
 from .t2i_common import (
-    check_batch_size,
-    check_images,
-    check_prompts,
+    score_in_batches,
     normalize,
     pil_resize_crop,
     read_json_file,
@@ -140,14 +138,11 @@ class ClipScorer:
 
     def similarity(self, images: torch.Tensor, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
         """uint8 [N,3,H,W] + N prompts -> float64 [N]: 100 * cos per pair, not clamped."""
-        images = check_images(images)
-        prompts = check_prompts(prompts, images.shape[0])
-        batch_size = check_batch_size(batch_size)
-        out = []
-        for start in range(0, images.shape[0], batch_size):
-            img, txt = self.embed(images[start:start + batch_size], prompts[start:start + batch_size])
-            out.append((100 * (img * txt).sum(dim=-1)).double().cpu())
-        return torch.cat(out)
+        def batch(img, txt):
+            i, t = self.embed(img, txt)
+            return 100 * (i * t).sum(dim=-1)
+
+        return score_in_batches(images, prompts, batch_size, batch)
 
     def score(self, images: torch.Tensor, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
         """uint8 [N,3,H,W] + N prompts -> float64 [N]: 100 * max(cos, 0) per pair."""

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .t2i_common import (
+    score_in_batches,
     CLIP_MEAN,
     CLIP_STD,
     ClipBPETokenizer,
@@ -273,14 +274,11 @@ class HPSv2Scorer:
 
     def score(self, images: torch.Tensor, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
         """uint8 [N,3,H,W] + N prompts -> float64 [N] HPSv2 scores (cosine, not x100)."""
-        images = check_images(images)
-        prompts = check_prompts(prompts, images.shape[0])
-        batch_size = check_batch_size(batch_size)
-        out = []
-        for start in range(0, images.shape[0], batch_size):
-            img, txt = self.embed(images[start:start + batch_size], prompts[start:start + batch_size])
-            out.append((img * txt).sum(dim=-1).double().cpu())
-        return torch.cat(out)
+        def batch(img, txt):
+            i, t = self.embed(img, txt)
+            return (i * t).sum(dim=-1)
+
+        return score_in_batches(images, prompts, batch_size, batch)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,11 +29,9 @@ import torch
 from torch import nn
 
 from .t2i_common import (
+    score_in_batches,
     CLIP_MEAN,
     CLIP_STD,
-    check_batch_size,
-    check_images,
-    check_prompts,
     check_state_dict,
     load_state_dict_file,
     normalize,
@@ -244,11 +242,5 @@ class ImageRewardScorer:
 
     def score(self, images: torch.Tensor, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
         """uint8 [N,3,H,W] + N prompts -> float64 [N] ImageReward v1.0 rewards."""
-        images = check_images(images)
-        prompts = check_prompts(prompts, images.shape[0])
-        batch_size = check_batch_size(batch_size)
-        out = []
-        for start in range(0, images.shape[0], batch_size):
-            raw = self.raw_reward(images[start:start + batch_size], prompts[start:start + batch_size])
-            out.append(((raw - REWARD_MEAN) / REWARD_STD).double().cpu())
-        return torch.cat(out)
+        return score_in_batches(images, prompts, batch_size,
+                                lambda img, txt: (self.raw_reward(img, txt) - REWARD_MEAN) / REWARD_STD)

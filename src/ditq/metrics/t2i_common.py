@@ -90,6 +90,17 @@ def check_batch_size(batch_size) -> int:
     return batch_size
 
 
+def score_in_batches(images, prompts, batch_size: int, score_batch) -> torch.Tensor:
+    """Check the inputs, then `score_batch(images[i:j], prompts[i:j]) -> Tensor[j-i]` batch by
+    batch; returns float64 [N] on the CPU."""
+    images = check_images(images)
+    prompts = check_prompts(prompts, images.shape[0])
+    batch_size = check_batch_size(batch_size)
+    out = [score_batch(images[i:i + batch_size], prompts[i:i + batch_size]).double().cpu()
+           for i in range(0, images.shape[0], batch_size)]
+    return torch.cat(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # Files: local path or Hugging Face Hub
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,6 +41,19 @@ SD_VAE_ARCH = dict(
 )
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@contextmanager
+def _quiet_diffusers():
+    """diffusers' loading notices (no `accelerate`, dtype casts) are noise here; errors still raise."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
 
 
 def hub_offline() -> bool:
@@ -109,14 +123,17 @@ class DiTAdapter(ModelAdapter):
                 block.norm1.emb.load_state_dict(first)
         else:
             try:
-                self.transformer = DiTTransformer2DModel.from_pretrained(self.root, subfolder="transformer")
+                with _quiet_diffusers():
+                    self.transformer = DiTTransformer2DModel.from_pretrained(self.root, subfolder="transformer",
+                                                                             torch_dtype=self.dtype)
             except (OSError, ValueError, RuntimeError) as err:
                 raise MissingCheckpointError(
                     f"cannot load the DiT transformer from {self.root / 'transformer'}: {err}. "
                     "The directory must hold diffusers' config.json and diffusion_pytorch_model.safetensors "
                     f"(as `huggingface-cli download {cfg.hub_id or 'facebook/DiT-XL-2-256'}` writes them)."
                 ) from None
-        self.transformer.to(self.device, self.dtype).eval().requires_grad_(False)
+        with _quiet_diffusers():
+            self.transformer.to(self.device, self.dtype).eval().requires_grad_(False)
         tc = self.transformer.config
         self.num_classes = tc.num_embeds_ada_norm
         if self.num_classes != cfg.num_classes:
@@ -152,7 +169,8 @@ class DiTAdapter(ModelAdapter):
                     f"{' and the hub is offline' if hub_offline() else ''}. Download it with "
                     f"`huggingface-cli download {cfg.vae} --local-dir <dir>` and set model.vae=<dir>."
                 ) from None
-        vae = AutoencoderKL.from_pretrained(src, **kw)
+        with _quiet_diffusers():
+            vae = AutoencoderKL.from_pretrained(src, torch_dtype=self.dtype, **kw)
         return vae.to(self.device, self.dtype).eval().requires_grad_(False)
 
     # -- interface -------------------------------------------------------------------------------
