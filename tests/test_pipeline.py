@@ -145,3 +145,11 @@ def test_results_notebook_runs_on_a_fresh_store(compose, paths, tmp_path, monkey
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert len(images) == 2  # the bit-width plot and the sample grids
+
+
+def test_row_records_effective_quantizers(compose, paths, tmp_path):
+    row = run_pipeline(compose, paths + ["bits=w4a4_mxfp4"], tmp_path / "mx")
+    q = row["diagnostics"]["quantizers"]
+    assert set(q) == {"qkv", "proj", "fc1", "fc2", "adaln"}
+    assert "mxfp4" in q["fc1"]["weight"] and "mxfp4" in q["fc1"]["act"]
+    assert "dynamic" in q["fc1"]["act"]  # the block format made rtn's static activations dynamic

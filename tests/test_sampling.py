@@ -58,3 +58,12 @@ def test_callback_sees_every_step():
              progress=False)
     assert [i for i, _, _ in seen] == list(range(5))
     assert [t for _, t, _ in seen] == s.timesteps() == [800, 600, 400, 200, 0]
+
+
+def test_non_finite_samples_are_refused_naming_the_seeds():
+    import pytest
+
+    adapter = random_dit()
+    adapter.denoiser.proj_out_2.bias.data[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"NaN/Inf samples for seeds \[3, 4\]"):
+        Sampler(adapter, sampler_cfg(num_steps=3)).sample([3, 4], torch.tensor([0, 1]), batch_size=2, progress=False)

@@ -9,7 +9,6 @@ choice fails in well under a second.
 """
 from __future__ import annotations
 
-import logging
 import sys
 
 import hydra
@@ -19,14 +18,10 @@ from omegaconf import DictConfig
 from ditq.config import ConfigError, validate_config
 from ditq.paths import config_dir
 
-log = logging.getLogger("ditq")
-
-
 def task(cfg: DictConfig) -> float | None:
     try:
         run_cfg = validate_config(cfg)
     except ConfigError as err:
-        log.error("bad config: %s", err)
         print(f"ditq: bad config: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -98,7 +98,7 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
     from ditq.calibration import collect_layer_inputs, collect_trajectory_inputs
     from ditq.methods.base import QuantContext
     from ditq.methods.registry import build_steps
-    from ditq.methods.wrap import wrap_layers
+    from ditq.methods.wrap import full_precision, wrap_layers
     from ditq.metrics import Evaluator
     from ditq.models import load_adapter
     from ditq.sampling import Sampler, labels_for_seeds
@@ -169,15 +169,15 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
             layer_names.extend(qlayers)
             ctx = QuantContext(adapter=adapter, run=run, qlayers=qlayers, roles=roles, layer_inputs=layer_inputs,
                                diagnostics=diagnostics)
-            needs = any(s.needs_layer_inputs(ctx) for s in steps)
-            if needs:
-                # FP layer inputs are recorded before any step changes the model
-                for q in qlayers.values():
-                    q.quant_enabled = False
-                with timings("calibrate"):
-                    layer_inputs()
-                for q in qlayers.values():
-                    q.quant_enabled = True
+            # the effective quantizers per role (method settings + what the format dictates)
+            diagnostics["quantizers"] = {
+                roles[n]: {side: (None if qz is None else qz.describe())
+                           for side, qz in (("weight", q.weight_quantizer), ("act", q.act_quantizer))}
+                for n, q in reversed(list(qlayers.items()))}
+        if any(s.needs_layer_inputs(ctx) for s in steps):
+            with timings("calibrate"), full_precision(qlayers):  # FP inputs, before any step runs
+                layer_inputs()
+        with timings("quantize"):
             for step in steps:
                 with timings(f"step_{step.name}"):
                     step.apply(ctx)

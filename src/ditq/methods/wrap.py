@@ -1,6 +1,8 @@
 """Replace the chosen layers of a model with quantized ones, quantizers built from config."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch.nn as nn
 
 from ditq.config.schema import quantizer_config
@@ -37,3 +39,16 @@ def wrap_layers(adapter, run) -> tuple[dict[str, nn.Module], dict[str, str]]:
         qlayers[info.name] = qmod
         roles[info.name] = info.role
     return qlayers, roles
+
+
+@contextmanager
+def full_precision(qlayers: dict[str, nn.Module]):
+    """Run the wrapped model as the FP model inside the block (quantizers bypassed)."""
+    previous = {n: q.quant_enabled for n, q in qlayers.items()}
+    for q in qlayers.values():
+        q.quant_enabled = False
+    try:
+        yield
+    finally:
+        for n, q in qlayers.items():
+            q.quant_enabled = previous[n]

@@ -99,5 +99,13 @@ class Sampler:
         with tqdm(total=n_batches * self.cfg.num_steps, desc=desc, unit="step", disable=not progress,
                   dynamic_ncols=True, mininterval=2.0) as bar:
             for b in range(0, len(seeds), bs):
-                out.append(self.sample_batch(seeds[b : b + bs], labels[b : b + bs], callback, bar).cpu())
+                x = self.sample_batch(seeds[b : b + bs], labels[b : b + bs], callback, bar).cpu()
+                if not torch.isfinite(x).all():
+                    bad = [seeds[b + i] for i in (~torch.isfinite(x.flatten(1))).any(1).nonzero().flatten().tolist()]
+                    raise FloatingPointError(
+                        f"{desc}: the model produced NaN/Inf samples for seeds {bad[:8]}{' ...' if len(bad) > 8 else ''}. "
+                        "A quantized model: a static activation range or format overflowed (try dynamic "
+                        "activations or a wider format); full precision: check the checkpoint and dtype_inference."
+                    )
+                out.append(x)
         return torch.cat(out)
