@@ -459,7 +459,15 @@ def test_dynamic_error_at_most_half_the_local_step(fmt, vals):
     gran = "per_block" if fmt[:2] in ("mx", "nv") else "per_token"
     q = build_quantizer(Q(fmt, gran, dynamic=True), "act")
     err = (q(x).double() - x.double()).abs()
-    assert bool((err <= q.step(x).double() / 2 * (1 + 1e-6) + 1e-30).all())
+    bound = q.step(x).double() / 2 * (1 + 1e-6) + 1e-30
+    if fmt.startswith("mx"):
+        # The OCP MX scale 2^(floor(log2 amax) - emax) can leave a block's absmax above the element's
+        # largest value; such elements saturate (see test_block.py). The bound is for values in range.
+        top = q.format.max_value * q.compute_params(x).scale.double()
+        in_range = x.double().abs() <= top + bound
+        assert in_range.any()
+        err, bound = err[in_range], bound[in_range]
+    assert bool((err <= bound).all())
 
 
 @settings(max_examples=30, deadline=None)
