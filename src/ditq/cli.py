@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from ditq.config import ConfigError, validate_config
 from ditq.paths import config_dir
 
+
 def task(cfg: DictConfig) -> float | None:
     try:
         run_cfg = validate_config(cfg)

@@ -7,6 +7,7 @@ statistics and FP features) come from the content-keyed disk cache when they exi
 """
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import time
@@ -151,18 +152,16 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
                 lambda: collect_trajectory_inputs(sampler, run.calib, adapter.num_classes, progress=progress))
 
         layer_names: list[str] = []
-        memo: dict[str, Any] = {}
 
+        @functools.cache  # loaded once per run, by whichever of pipeline and steps asks first
         def layer_inputs():
-            if "inputs" not in memo:
-                spec = {**calib_spec, "layers": layer_names, "max_tokens": run.calib.max_tokens_per_layer,
-                        "uncond": run.calib.include_uncond and run.sampler.cfg_scale > 1}
-                memo["inputs"] = cache.get_or_create(
-                    "layer_inputs", spec,
-                    lambda: collect_layer_inputs(adapter, trajectory_inputs(), layer_names,
-                                                 run.calib.max_tokens_per_layer, include_uncond=spec["uncond"],
-                                                 batch_size=run.calib.batch_size, progress=progress))
-            return memo["inputs"]
+            spec = {**calib_spec, "layers": layer_names, "max_tokens": run.calib.max_tokens_per_layer,
+                    "uncond": run.calib.include_uncond and run.sampler.cfg_scale > 1}
+            return cache.get_or_create(
+                "layer_inputs", spec,
+                lambda: collect_layer_inputs(adapter, trajectory_inputs(), layer_names, run.calib.max_tokens_per_layer,
+                                             include_uncond=spec["uncond"], batch_size=run.calib.batch_size,
+                                             progress=progress))
 
         with timings("quantize"):
             qlayers, roles = wrap_layers(adapter, run)
@@ -170,10 +169,11 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
             ctx = QuantContext(adapter=adapter, run=run, qlayers=qlayers, roles=roles, layer_inputs=layer_inputs,
                                diagnostics=diagnostics)
             # the effective quantizers per role (method settings + what the format dictates)
-            diagnostics["quantizers"] = {
-                roles[n]: {side: (None if qz is None else qz.describe())
-                           for side, qz in (("weight", q.weight_quantizer), ("act", q.act_quantizer))}
-                for n, q in reversed(list(qlayers.items()))}
+            per_role = diagnostics["quantizers"] = {}
+            for n, q in qlayers.items():
+                per_role.setdefault(roles[n], {side: (None if qz is None else qz.describe())
+                                               for side, qz in (("weight", q.weight_quantizer),
+                                                                ("act", q.act_quantizer))})
         if any(s.needs_layer_inputs(ctx) for s in steps):
             with timings("calibrate"), full_precision(qlayers):  # FP inputs, before any step runs
                 layer_inputs()

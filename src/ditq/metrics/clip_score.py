@@ -25,11 +25,11 @@ import logging
 import torch
 
 from .t2i_common import (
-    score_in_batches,
     normalize,
     pil_resize_crop,
     read_json_file,
     resolve_file,
+    score_in_batches,
     to_unit_float,
 )
 

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from .t2i_common import (
-    score_in_batches,
     CLIP_MEAN,
     CLIP_STD,
     ClipBPETokenizer,
@@ -42,6 +41,7 @@ from .t2i_common import (
     normalize,
     read_json_file,
     resolve_file,
+    score_in_batches,
     sha256_file,
     tensor_resize_longest_pad,
     to_unit_float,

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from .t2i_common import (
-    score_in_batches,
     CLIP_MEAN,
     CLIP_STD,
     check_state_dict,
@@ -38,6 +37,7 @@ from .t2i_common import (
     pil_resize_crop,
     read_json_file,
     resolve_file,
+    score_in_batches,
     sha256_file,
     to_unit_float,
 )
