@@ -44,7 +44,7 @@ def test_denoise_depends_on_label_and_time():
 
 def test_missing_checkpoint_says_what_to_download(compose, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    run = validate_config(compose(["model=dit_xl_256", f"paths.models_dir={tmp_path}"]))
+    run = validate_config(compose(["model=dit_xl_256", "dataset=imagenet", f"paths.models_dir={tmp_path}"]))
     with pytest.raises(MissingCheckpointError) as err:
         load_adapter(run.model)
     msg = str(err.value)
@@ -65,7 +65,7 @@ def test_broken_checkpoint_dir_is_reported(tmp_path):
 
 def test_dit_xl_architecture_roles_at_reduced_depth(compose):
     # The DiT-XL/2 config with 2 of its 28 blocks: same widths, same role map.
-    run = validate_config(compose(["model=dit_xl_256", "model.weights=random", "model.arch.num_layers=2"]))
+    run = validate_config(compose(["model=dit_xl_256", "dataset=imagenet", "model.weights=random", "model.arch.num_layers=2"]))
     adapter = load_adapter(run.model)
     infos = adapter.layers()
     widths = {i.role: adapter.denoiser.get_submodule(i.name).weight.shape for i in infos}
@@ -76,7 +76,7 @@ def test_dit_xl_architecture_roles_at_reduced_depth(compose):
 
 @pytest.mark.slow
 def test_full_dit_xl_builds_at_scale(compose):
-    run = validate_config(compose(["model=dit_xl_256", "model.weights=random"]))
+    run = validate_config(compose(["model=dit_xl_256", "dataset=imagenet", "model.weights=random"]))
     adapter = load_adapter(run.model)
     n = sum(p.numel() for p in adapter.denoiser.parameters())
     assert 740e6 < n < 760e6  # diffusers keeps a per-block copy of the embedder

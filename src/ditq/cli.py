@@ -27,16 +27,36 @@ def task(cfg: DictConfig) -> float | None:
         raise SystemExit(2) from None
 
     from ditq.pipeline import run
+    from ditq.tracking.keep import RowNotStoredError
     from ditq.tracking.table import render_markdown
 
     hc = HydraConfig.get()
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
-    row = run(run_cfg, output_dir=hc.runtime.output_dir, sweep_dir=hc.sweep.dir if multirun else None,
-              job_num=hc.job.num if multirun else None)
-    if not multirun:
-        from omegaconf import OmegaConf
+    if multirun:  # a worker process stops, writing nothing, once the process that launched the sweep is gone
+        from ditq.tracking.sweep import start_watchdog
 
-        print("\n" + render_markdown([row], OmegaConf.to_container(run_cfg.table)) + "\n", flush=True)
+        start_watchdog()
+
+    def print_table(row):
+        if not multirun:
+            from omegaconf import OmegaConf
+
+            print("\n" + render_markdown([row], OmegaConf.to_container(run_cfg.table)) + "\n", flush=True)
+
+    try:
+        row = run(run_cfg, output_dir=hc.runtime.output_dir, sweep_dir=hc.sweep.dir if multirun else None,
+                  job_num=hc.job.num if multirun else None)
+    except ConfigError as err:  # the run's preflight (output dirs, reference, loaded model)
+        print(f"ditq: bad config: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except RowNotStoredError as err:  # the metrics were computed: show them, then fail
+        print_table(err.row)
+        raise
+    print_table(row)
+    if multirun:  # the row this job wrote or reused: the sweep's table lists exactly these
+        from ditq.tracking.sweep import record_job
+
+        record_job(hc.runtime.output_dir, row, hc.job.num)
     return row["metrics"].get("fid")
 
 

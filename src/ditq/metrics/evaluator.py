@@ -28,7 +28,7 @@ from ditq.metrics.options import resolve_options
 from ditq.metrics.paired import lpips_distance, psnr, ssim, ssim_window
 from ditq.metrics.prec_recall import precision_recall
 from ditq.metrics.reference import Reference
-from ditq.metrics.registry import METRICS, PAIRED_METRICS, T2I_METRICS, available_metrics
+from ditq.metrics.registry import METRICS, PAIRED_METRICS, T2I_METRICS, available_metrics, min_samples
 from ditq.metrics.t2i import build_scorer, scorer_options
 from ditq.utils.cache import content_key
 
@@ -113,10 +113,23 @@ class Evaluator:
     # ------------------------------------------------------------------------------------
     # fail fast
     # ------------------------------------------------------------------------------------
+    def min_samples(self) -> dict[str, int]:
+        """The fewest samples each requested metric is defined for (with this evaluator's options)."""
+        return {m: min_samples(m, self.options["pr_k"]) for m in self.metrics}
+
+    def _count_problems(self, n: int, key: str) -> list[str]:
+        short = {m: k for m, k in self.min_samples().items() if n < k}
+        if not short:
+            return []
+        need = max(short.values())
+        return [f"{key}={n} is too few: " + ", ".join(f"{m} needs >= {k}" for m, k in short.items())
+                + f"; set {key} >= {need}"]
+
     def check(self, *, reference: Reference | None = None, has_prompts: bool = False, has_fp_images: bool = False,
-              has_labels: bool = False) -> None:
-        """Raise MetricInputError unless every requested metric has its inputs, weights and reference."""
-        problems = []
+              has_labels: bool = False, num_samples: int | None = None, samples_key: str = "num_samples") -> None:
+        """Raise MetricInputError unless every requested metric has its inputs, weights and reference,
+        and (given `num_samples`, named `samples_key` in the message) enough samples."""
+        problems = [] if num_samples is None else self._count_problems(num_samples, samples_key)
         wants = {k: [m for m in self.metrics if getattr(METRICS[m], k)]
                  for k in ("needs_reference", "needs_fp", "needs_prompts", "needs_labels")}
         if wants["needs_reference"] and reference is None:
@@ -248,12 +261,9 @@ class Evaluator:
             self.space.check_images(images, "images")
         if self.fid is not None:
             self.fid.space.check_images(images, "images")
-        needs_two = [m for m in ("fid", "sfid", "fid_to_fp") if m in self.metrics]
-        if needs_two and n < 2:
-            raise MetricInputError(f"{needs_two} need at least 2 images, got {n}")
-        k = self.options["pr_k"]
-        if ("precision" in self.metrics or "recall" in self.metrics) and n <= k:
-            raise MetricInputError(f"precision/recall with k={k} need more than {k} images, got {n}")
+        problems = self._count_problems(n, "the number of images")
+        if problems:
+            raise MetricInputError(problems[0])
 
     def evaluate(self, images: torch.Tensor, *, labels: torch.Tensor | None = None, prompts: list[str] | None = None,
                  reference: Reference | None = None, fp_images: torch.Tensor | None = None,

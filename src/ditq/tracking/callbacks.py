@@ -1,4 +1,5 @@
-"""Hydra callback: after a multirun, print and save the table of the sweep's rows."""
+"""Hydra callback: record the sweep's launcher before jobs start; after the multirun, print and
+save the table of the sweep's own rows (see ditq.tracking.sweep)."""
 from __future__ import annotations
 
 import logging
@@ -12,12 +13,21 @@ log = logging.getLogger(__name__)
 
 
 class TableCallback(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from ditq.tracking.sweep import begin_sweep
+
+        self.sweep = begin_sweep()  # before the launcher dispatches any job (workers inherit it)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from ditq.tracking.store import ResultsStore
+        from ditq.tracking.sweep import current_sweep, end_sweep, sweep_rows
         from ditq.tracking.table import render_csv, render_markdown
 
+        info = getattr(self, "sweep", None) or current_sweep()
+        end_sweep()
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
-        rows = ResultsStore(config.paths.results_dir).select(sweep_dir=sweep_dir)
+        rows = sweep_rows(ResultsStore(config.paths.results_dir).rows(), sweep_dir,
+                          sweep_id=info.sweep_id if info else None)
         if not rows:
             log.warning("no result rows were written by the sweep in %s", sweep_dir)
             return

@@ -22,13 +22,13 @@ DEFAULT_COLUMNS = {
 
 def lookup(row: dict, key: str) -> Any:
     """A value of a row by dotted key: metrics first, then top-level fields, then the config."""
-    if key in row.get("metrics", {}):
-        return row["metrics"][key]
-    if key in row.get("timings", {}):
-        return row["timings"][key]
+    for section in ("metrics", "timings"):
+        values = row.get(section)
+        if isinstance(values, dict) and key in values:
+            return values[key]
     if key in row:
         return row[key]
-    node: Any = row.get("config", {})
+    node: Any = row.get("config")
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             return None
@@ -54,16 +54,35 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def launch_order(rows: list[dict]) -> list[dict]:
+    """FP first, then the order runs were launched in: sweeps (and single runs) by when they
+    started, jobs of a sweep by job number. Missing fields (a single run has no job_num) sort
+    first, never compare None with a number."""
+    start: dict[str, str] = {}
+    for r in rows:
+        group = str(r.get("sweep_dir") or r.get("run_id") or "")
+        start[group] = min(start.get(group, "~"), str(r.get("started") or ""))
+
+    def key(r: dict) -> tuple:
+        job = r.get("job_num")
+        return (not r.get("is_fp"), start[str(r.get("sweep_dir") or r.get("run_id") or "")],
+                str(r.get("sweep_dir") or ""), job if isinstance(job, int) else -1,
+                str(r.get("started") or ""), str(r.get("run_id") or ""))
+
+    return sorted(rows, key=key)
+
+
 def table_rows(rows: list[dict], table: dict | None) -> tuple[list[str], list[list[str]]]:
+    """Header and cells; a run that has several rows (a forced rerun) counts once, its newest."""
+    from ditq.tracking.identity import latest_per_run
+
     table = table or {}
     keys = list(table.get("rows") or ["method.name", "bits.name"])
     columns = dict(table.get("columns") or DEFAULT_COLUMNS)
     paper = table.get("paper") or {}
     header = ["Method", "W/A"] + list(columns.values())
     body = []
-    # FP first, then the order runs were launched in
-    ordered = sorted(rows, key=lambda r: (not r.get("is_fp"), r.get("job_num", 0), r.get("run_id", "")))
-    for r in ordered:
+    for r in launch_order(latest_per_run(rows)):
         label = row_label(r, keys)
         wa = "32/32" if r.get("is_fp") else f"{r.get('wbits', '-')}/{r.get('abits', '-')}"
         cells = [label, wa]
@@ -103,13 +122,14 @@ def render_csv(rows: list[dict], table: dict | None) -> str:
 
 
 def latest_sweep(rows: list[dict]) -> str | None:
-    sweeps = [(r.get("finished"), r.get("sweep_dir")) for r in rows if r.get("sweep_dir")]
+    sweeps = [(str(r.get("finished") or ""), str(r["sweep_dir"])) for r in rows if r.get("sweep_dir")]
     return max(sweeps)[1] if sweeps else None
 
 
 def main(argv: list[str] | None = None) -> None:
     from ditq.paths import project_root
     from ditq.tracking.store import ResultsStore
+    from ditq.tracking.sweep import sweep_rows
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default=str(project_root() / "results"), help="results store directory")
@@ -124,11 +144,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = [r for r in rows if r.get("experiment") == args.experiment]
     if not args.all:
         sweep = args.sweep or latest_sweep(rows)
-        if sweep:
-            rows = [r for r in rows if r.get("sweep_dir") == sweep]
+        if sweep:  # the rows its jobs wrote or reused
+            rows = sweep_rows(rows, sweep)
     if not rows:
         raise SystemExit(f"no result rows found in {args.results} for the given filters")
-    table = rows[-1].get("config", {}).get("table")
+    table = (rows[-1].get("config") or {}).get("table")
     if args.format == "md":
         print(render_markdown(rows, table, title=(table or {}).get("title")))
     else:
