@@ -33,3 +33,4 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_quant_linear.py
+	$(PY) benchmarks/bench_gptq.py

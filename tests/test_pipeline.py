@@ -64,7 +64,8 @@ def test_corrupt_cache_is_rebuilt_not_used(compose, paths, tmp_path):
     first = run_pipeline(compose, paths + ["bits=w8a8"], tmp_path / "a")
     for f in (tmp_path / "cache").rglob("*.pt"):
         f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 3)])  # truncate every entry
-    second = run_pipeline(compose, paths + ["bits=w8a8"], tmp_path / "b")
+    second = run_pipeline(compose, paths + ["bits=w8a8", "force=true"], tmp_path / "b")  # redo, not reuse
+    assert second["run_id"] != first["run_id"] and second["supersedes"] == first["run_id"]
     assert second["metrics"] == pytest.approx(first["metrics"], rel=1e-6)
 
 

@@ -7,7 +7,6 @@ statistics and FP features) come from the content-keyed disk cache when they exi
 """
 from __future__ import annotations
 
-import functools
 import logging
 import platform
 import time
@@ -63,11 +62,14 @@ def sampler_spec(run) -> dict:
 
 
 def sample_images(adapter, sampler, seeds: list[int], labels: torch.Tensor, *, cache: DiskCache | None,
-                  spec: dict | None, desc: str) -> torch.Tensor:
+                  spec: dict | None, desc: str, stats: dict | None = None) -> torch.Tensor:
     """uint8 NCHW images of `seeds`, in shards of sampler.batch_size seeds; with a cache, each
-    finished shard is stored, so an interrupted run resumes from the shards it completed."""
+    finished shard is stored, so an interrupted run resumes from the shards it completed.
+    `stats` (if given) gets `produce_s` (time it took to PRODUCE the shards, cached ones as recorded
+    when built) and `cached_shards` / `shards`."""
     bs = sampler.cfg.batch_size
     out = []
+    produce_s, cached_shards = 0.0, 0
     for b in range(0, len(seeds), bs):
         shard_seeds, shard_labels = seeds[b : b + bs], labels[b : b + bs]
 
@@ -77,11 +79,19 @@ def sample_images(adapter, sampler, seeds: list[int], labels: torch.Tensor, *, c
                                    desc=f"{desc} [{b}:{b + len(shard_seeds)}/{len(seeds)}]")
                 return adapter.decode(x.to(adapter.device)).cpu()
 
+        t0 = time.perf_counter()
         if cache is None or spec is None:
             out.append(build())
+            produce_s += time.perf_counter() - t0
         else:
             shard_spec = {**spec, "seeds": [shard_seeds[0], len(shard_seeds)], "labels": shard_labels.tolist()}
-            out.append(cache.get_or_create("samples", shard_spec, build))
+            rec = cache.get_or_create_record("samples", shard_spec, build)
+            out.append(rec.value)
+            cached_shards += rec.cached
+            # an entry written before manifests recorded build_seconds counts its load time
+            produce_s += rec.build_seconds if rec.build_seconds is not None else time.perf_counter() - t0
+    if stats is not None:
+        stats.update(produce_s=round(produce_s, 3), cached_shards=cached_shards, shards=len(out))
     return torch.cat(out)
 
 
@@ -97,20 +107,27 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
         progress: bool = True) -> dict[str, Any]:
     """Execute one validated run config; returns the result row (already stored and logged)."""
     from ditq.calibration import collect_layer_inputs, collect_trajectory_inputs
+    from ditq.calibration.layer_inputs import LAYER_INPUTS_VERSION
+    from ditq.calibration.lazy import Lazy
     from ditq.methods.base import QuantContext
     from ditq.methods.registry import build_steps
+    from ditq.methods.plan import plan_for_run
+    from ditq.methods.wrap import bits_per_weight as layer_bits_per_weight
     from ditq.methods.wrap import full_precision, wrap_layers
     from ditq.metrics import Evaluator
     from ditq.models import load_adapter
     from ditq.sampling import Sampler, labels_for_seeds
-    from ditq.tracking.store import ResultsStore
+    from ditq.preflight import check_loaded_model, check_outputs, check_reference
+    from ditq.tracking.keep import keep_row
+    from ditq.tracking.identity import previous_run
+    from ditq.tracking.sweep import stop_if_launcher_gone
     from ditq.metrics import write_adm_npz
     from ditq.utils.images import save_grid
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     timings = Timings()
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_outputs(run, output_dir, sweep_dir)  # creates the run dir; an unwritable output fails before any work
     fp_run = is_full_precision(run)
     cache = DiskCache(run.paths.cache_dir)
     device = resolve_device(run.device)
@@ -123,20 +140,30 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
         evaluator = Evaluator(metrics, feature_net=run.eval.feature_net, cache=cache,
                               batch_size=run.eval.batch_size, device=device, options=dict(run.eval.options))
         reference = build_reference(run.dataset)
-        evaluator.check(reference=reference, has_prompts=False, has_fp_images=not fp_run, has_labels=True)
+        check_reference(reference, run)
+        evaluator.check(reference=reference, has_prompts=False, has_fp_images=not fp_run, has_labels=True,
+                        num_samples=run.eval.num_samples, samples_key="eval.num_samples")
         steps = [] if fp_run else build_steps(list(run.method.steps))
 
     with timings("load"):
         adapter = load_adapter(run.model, device=device, dtype=run.dtype_inference)
+        check_loaded_model(adapter, run)  # timesteps, channels, image side: before any sampling
+        plan = None if fp_run else plan_for_run(run, adapter)  # per-layer quantizers, checked before sampling
     sampler = Sampler(adapter, run.sampler, clip_sample=run.model.clip_sample)
     seeds = list(range(run.eval.seed_start, run.eval.seed_start + run.eval.num_samples))
     labels = labels_for_seeds(seeds, adapter.num_classes, run.eval.labels)
     model_fp = adapter.fingerprint()
+    run_key, previous = previous_run(run, model_fp, device)  # same config, weights, ditq version
+    if previous is not None and not run.force:
+        log.info("identical run already finished: %s; force=true to redo", previous.path)
+        return previous.row
     fp_spec = {"v": SAMPLES_VERSION, "model": model_fp, "sampler": sampler_spec(run), "dtype": run.dtype_inference,
                "label_mode": run.eval.labels}
 
+    fp_stats: dict[str, Any] = {}
     with timings("fp_sample"):
-        fp_images = sample_images(adapter, sampler, seeds, labels, cache=cache, spec=fp_spec, desc="FP samples")
+        fp_images = sample_images(adapter, sampler, seeds, labels, cache=cache, spec=fp_spec, desc="FP samples",
+                                  stats=fp_stats)
 
     diagnostics: dict[str, Any] = {}
     bits_of: dict[str, float] = {}
@@ -153,21 +180,27 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
 
         layer_names: list[str] = []
 
-        @functools.cache  # loaded once per run, by whichever of pipeline and steps asks first
-        def layer_inputs():
+        def record_layer_inputs():  # always the FP model's inputs, whether or not a step declared the need
             spec = {**calib_spec, "layers": layer_names, "max_tokens": run.calib.max_tokens_per_layer,
-                    "uncond": run.calib.include_uncond and run.sampler.cfg_scale > 1}
-            return cache.get_or_create(
-                "layer_inputs", spec,
-                lambda: collect_layer_inputs(adapter, trajectory_inputs(), layer_names, run.calib.max_tokens_per_layer,
-                                             include_uncond=spec["uncond"], batch_size=run.calib.batch_size,
-                                             progress=progress))
+                    "uncond": run.calib.include_uncond and run.sampler.cfg_scale > 1, "li_v": LAYER_INPUTS_VERSION}
+            with full_precision(qlayers):
+                return cache.get_or_create(
+                    "layer_inputs", spec,
+                    lambda: collect_layer_inputs(adapter, trajectory_inputs(), layer_names,
+                                                 run.calib.max_tokens_per_layer, include_uncond=spec["uncond"],
+                                                 batch_size=run.calib.batch_size, progress=progress))
+
+        # loaded once per run by whichever of pipeline and steps asks first; released before sampling
+        layer_inputs = Lazy(record_layer_inputs, "layer inputs")
 
         with timings("quantize"):
-            qlayers, roles = wrap_layers(adapter, run)
+            qlayers, roles = wrap_layers(adapter, run, plan=plan)
+            plan.save(output_dir / "plan.yaml")  # method.plan=<it> reproduces this run's quantizers
             layer_names.extend(qlayers)
             ctx = QuantContext(adapter=adapter, run=run, qlayers=qlayers, roles=roles, layer_inputs=layer_inputs,
-                               diagnostics=diagnostics)
+                               diagnostics=diagnostics, calib_records=trajectory_inputs,
+                               timesteps=sampler.timesteps(), scratch_dir=str(Path(run.paths.cache_dir) / "block_io"),
+                               progress=progress)
             # the effective quantizers per role (method settings + what the format dictates)
             per_role = diagnostics["quantizers"] = {}
             for n, q in qlayers.items():
@@ -175,12 +208,20 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
                                                for side, qz in (("weight", q.weight_quantizer),
                                                                 ("act", q.act_quantizer))})
         if any(s.needs_layer_inputs(ctx) for s in steps):
-            with timings("calibrate"), full_precision(qlayers):  # FP inputs, before any step runs
+            with timings("calibrate"):  # FP inputs (the provider records under full_precision), before any step
                 layer_inputs()
         with timings("quantize"):
             for step in steps:
                 with timings(f"step_{step.name}"):
                     step.apply(ctx)
+        layer_inputs.release()  # free the layer inputs (GBs for DiT-XL/2) before sampling
+        if run.diagnostics.enabled:  # per-layer / denoiser errors on held-out records: CSV + plots in the run dir
+            from ditq.diagnostics import run_diagnostics
+
+            with timings("diagnostics"):
+                diagnostics["errors"] = run_diagnostics(
+                    adapter, sampler, run, qlayers, roles, output_dir=output_dir, cache=cache, model_fp=model_fp,
+                    sampler_spec=sampler_spec(run), progress=progress)
         bits_of = {n: q.bits_per_weight() for n, q in qlayers.items() if q.weight_quantizer is not None}
         with timings("sample"):
             images = sample_images(adapter, sampler, seeds, labels, cache=None, spec=None, desc=f"{run.method.name} {run.bits.name}")
@@ -203,12 +244,14 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
         "experiment": run.experiment,
         "sweep_dir": str(Path(sweep_dir).resolve()) if sweep_dir else None,
         "job_num": job_num,
+        "run_key": run_key,
+        "supersedes": previous.row.get("run_id") if previous else None,  # a forced rerun's older row
         "output_dir": str(output_dir.resolve()),
         "started": started,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "is_fp": fp_run,
-        "wbits": element_bits(run.bits.weight),
-        "abits": element_bits(run.bits.act),
+        "wbits": plan.element_bits("weight") if plan and run.method.plan else element_bits(run.bits.weight),
+        "abits": plan.element_bits("act") if plan and run.method.plan else element_bits(run.bits.act),
         "metrics": {k: float(v) for k, v in scores.items()},
         "metric_settings": evaluator.settings(),
         "protocol": {
@@ -225,16 +268,21 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
             "feature_net": run.eval.feature_net,
         },
         "size_mb": total_bits / 8 / 1e6,
-        "bits_per_weight": (sum(bits_of.values()) / len(bits_of)) if bits_of else 32.0,
+        "bits_per_weight": 32.0 if fp_run else layer_bits_per_weight(qlayers),  # weighted by parameter count
+        "plan": None if plan is None else {**plan.compact(), "file": str((output_dir / "plan.yaml").resolve()),
+                                           "source": run.method.plan or "method+bits"},
         "quantized_layers": len(bits_of),
         "timings": {**timings.seconds, "total_s": timings.total(),
-                    "sample_s": timings.seconds.get("fp_sample" if fp_run else "sample", 0.0)},
+                    # FP: the time it took to produce the samples, not the cache load of a warm run
+                    "sample_s": fp_stats["produce_s"] if fp_run else timings.seconds.get("sample", 0.0),
+                    "fp_sample_cached": fp_stats["cached_shards"], "fp_sample_shards": fp_stats["shards"]},
         "diagnostics": diagnostics,
         "environment": {"ditq": ditq.__version__, "torch": torch.__version__, "device": device,
                         "threads": torch.get_num_threads(), "python": platform.python_version()},
         "config": OmegaConf.to_container(run, resolve=True),
     }
-    path = ResultsStore(run.paths.results_dir).append(row)
+    stop_if_launcher_gone()  # a sweep job whose launcher died writes no row
+    path = keep_row(row, output_dir, run.paths.results_dir)  # <run dir>/result.json first, then the store
     log.info("result row written to %s", path)
     if run.logger.wandb and run.logger.mode != "disabled":
         from ditq.tracking.wandb_log import log_run

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditq.quant import QuantConv2d, QuantizerConfig, QuantLinear, build_quantizer
+from ditq.quant import QParams, QuantConv2d, QuantizerConfig, QuantLinear, build_quantizer
 
 
 def Q(fmt="int8", gran="per_tensor", **kw):
@@ -45,16 +45,17 @@ def test_none_quantizers_keep_full_precision(linear):
 
 def test_weight_is_quantized_once_and_cached(linear, monkeypatch):
     wq = build_quantizer(Q("int4", "per_channel"), "weight")
-    layer = QuantLinear(linear, wq, None)
     calls = []
     original = type(wq).forward
     monkeypatch.setattr(type(wq), "forward", lambda self, t: calls.append(1) or original(self, t))
+    layer = QuantLinear(linear, wq, None)
+    assert calls == [] and not wq.is_fitted  # construction quantizes (and fits) nothing
     x = torch.randn(4, 96)
     for _ in range(3):
         layer(x)
-    assert calls == []
+    assert calls == [1]  # quantized at first use, then cached
     layer.refresh()
-    assert calls == [1]
+    assert calls == [1, 1]
 
 
 def test_parameters_are_shared_and_refresh_follows_weight_updates(linear):
@@ -62,12 +63,15 @@ def test_parameters_are_shared_and_refresh_follows_weight_updates(linear):
     layer = QuantLinear(linear, wq, None)
     assert layer.weight is linear.weight and layer.bias is linear.bias
     assert [n for n, _ in layer.named_parameters()] == ["weight", "bias"]
+    x = torch.randn(5, 96)
+    layer(x)  # first use: the grid is fitted on the original weight and stored
+    params = QParams(wq.scale.clone(), None)
     new_w = torch.randn(40, 96)
     layer.weight.data.copy_(new_w)  # what GPTQ / AdaRound do
-    x = torch.randn(5, 96)
-    assert not torch.equal(layer(x), F.linear(x, wq(new_w), layer.bias))  # stale until refresh
+    on_grid = F.linear(x, wq.quantize_with(new_w, params), layer.bias)
+    assert not torch.equal(layer(x), on_grid)  # stale until refresh
     layer.refresh()
-    assert torch.equal(layer(x), F.linear(x, wq(new_w), layer.bias))
+    assert torch.equal(layer(x), on_grid)  # re-rounded on the stored grid
 
 
 def test_uncached_weight_gets_straight_through_gradients(linear):

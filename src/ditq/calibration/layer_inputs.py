@@ -1,9 +1,14 @@
 """Inputs of chosen layers, recorded by forward hooks while the model sees calibration inputs.
 
-Per layer the result is a [T, C] tensor (C = input features; conv inputs are moved to channels
-last): a seeded random subsample of at most `max_tokens` rows of all the layer's input rows,
-followed by two rows holding the channel-wise minimum and maximum over *all* rows, so that
-MinMax ranges fitted on it equal the ranges over the full calibration set.
+Per layer the result is a plain dict of tensors (loadable with torch.load(weights_only=True)):
+  "rows" [T, C]  a seeded random subsample of at most `max_tokens` of the layer's input rows
+                 (C = input features; conv inputs are moved to channels last): an unbiased sample
+                 for percentile / MSE ranges;
+  "min", "max" [C]  the exact channel-wise minimum and maximum over *all* rows, kept apart so that
+                 MinMax ranges equal the ranges over the full calibration set without biasing the
+                 sample. Fit with `quantizer.fit(d["rows"], data_range=(d["min"], d["max"]))`.
+Whether a layer's input is NCHW is decided by the layer's type (nn.Conv2d, or a wrapper whose class
+declares `wraps = nn.Conv2d`, like QuantConv2d), never by the input's shape.
 """
 from __future__ import annotations
 
@@ -14,8 +19,18 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 
+# Bump when the payload's layout changes (part of the layer-inputs cache spec).
+# 2: {"rows", "min", "max"} per layer (1: a [T + 2, C] tensor with the min/max rows appended).
+LAYER_INPUTS_VERSION = 2
+
+
+def _is_conv(module: nn.Module) -> bool:
+    wrapped = getattr(type(module), "wraps", None)
+    return isinstance(module, nn.Conv2d) or (isinstance(wrapped, type) and issubclass(wrapped, nn.Conv2d))
+
+
 def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(module, nn.Conv2d) or x.dim() == 4:
+    if _is_conv(module):
         return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
     return x.reshape(-1, x.shape[-1])
 
@@ -23,9 +38,10 @@ def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def collect_layer_inputs(adapter, calib: dict[str, torch.Tensor], layer_names: list[str], max_tokens: int,
                          include_uncond: bool, batch_size: int = 256, seed: int = 0,
-                         progress: bool = True) -> dict[str, torch.Tensor]:
+                         progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
     """Run the denoiser on the calibration records (and their unconditional twins) and keep the
-    inputs of `layer_names`. The model is not modified."""
+    inputs of `layer_names` as {name: {"rows", "min", "max"}} (module doc). The model is not
+    modified; the caller decides whether it runs quantized (record FP inputs under full precision)."""
     modules = dict(adapter.denoiser.named_modules())
     x_all, t_all, y_all = calib["x"], calib["t"], calib["y"]
     if include_uncond:
@@ -66,8 +82,5 @@ def collect_layer_inputs(adapter, calib: dict[str, torch.Tensor], layer_names: l
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    for n in layer_names:
-        rows = torch.cat(kept[n])[:max_tokens]
-        out[n] = torch.cat([rows, lo[n].cpu()[None], hi[n].cpu()[None]])
-    return out
+    return {n: {"rows": torch.cat(kept[n])[:max_tokens], "min": lo[n].cpu(), "max": hi[n].cpu()}
+            for n in layer_names}

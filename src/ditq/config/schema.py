@@ -8,6 +8,7 @@ This module must not import torch: it runs before any model loads.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
@@ -74,6 +75,7 @@ class MethodConfig:
     act: Dict[str, Any] = field(default_factory=dict)
     layers: List[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2", "adaln"])
     needs_calibration: bool = False
+    plan: Optional[str] = None  # per-layer plan YAML (ditq.methods.plan); overrides weight/act/layers and bits per layer
 
 
 @dataclass
@@ -97,6 +99,7 @@ class DatasetConfig:
     reference: Optional[str] = None  # reference statistics / images (e.g. ADM .npz); null: built in
     root: Optional[str] = None
     download_hint: Optional[str] = None  # how to obtain `reference` (shown when it is missing)
+    resolutions: List[int] = field(default_factory=list)  # image sides with a reference; empty: any
 
 
 @dataclass
@@ -109,6 +112,19 @@ class CalibConfig:
     include_uncond: bool = True  # record the unconditional (cfg) branch too
     max_tokens_per_layer: int = 4096  # random token subsample kept per layer
     batch_size: int = 256
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Per-layer and denoiser error tables of a quantized run, on held-out FP trajectory records."""
+    enabled: bool = True
+    num_samples: int = 8  # held-out trajectories (seeds disjoint from calib and eval seeds)
+    seed_start: int = 2_000_000
+    labels: str = "balanced"
+    num_timesteps: int = 10  # up to this many steps, evenly spaced (every step when the sampler has fewer)
+    batch_size: int = 64  # records per FP/quantized forward pair (fewer when max_stored_mb is exceeded)
+    include_uncond: bool = True  # also the unconditional (cfg) branch, and the guided eps
+    max_stored_mb: int = 2048  # bound on the FP activations kept per batch for comparison
 
 
 @dataclass
@@ -150,11 +166,13 @@ class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     table: TableConfig = field(default_factory=TableConfig)
     experiment: Optional[str] = None  # the experiment (table) this run belongs to
     run_name: Optional[str] = None  # derived from config values when null
+    force: bool = False  # redo a run even if an identical one already finished (else its row is reused)
     device: str = "auto"  # auto | cpu | cuda
     dtype_inference: str = "float32"  # dtype of sampling (float32 | float16 | bfloat16)
 
@@ -171,6 +189,24 @@ def _check_choice(key: str, value: str, valid) -> None:
 def _check_positive(key: str, value) -> None:
     if value is None or value <= 0:
         raise ConfigError(f"{key}={value!r} must be a positive number")
+
+
+def _check_diagnostics(run: DictConfig) -> None:
+    """Positive counts; held-out seeds disjoint from the calibration and the evaluation seeds."""
+    d = run.diagnostics
+    if not d.enabled:
+        return
+    for key in ("num_samples", "num_timesteps", "batch_size", "max_stored_mb"):
+        _check_positive(f"diagnostics.{key}", d[key])
+    _check_choice("diagnostics.labels", d.labels, LABEL_MODES)
+    diag = range(d.seed_start, d.seed_start + d.num_samples)
+    for group in ("calib", "eval"):
+        other = range(run[group].seed_start, run[group].seed_start + run[group].num_samples)
+        if diag.start < other.stop and other.start < diag.stop:
+            raise ConfigError(
+                f"diagnostics seeds [{diag.start}, {diag.stop}) overlap {group} seeds [{other.start}, {other.stop}): "
+                f"diagnostics must run on held-out trajectories; move diagnostics.seed_start or {group}.seed_start"
+            )
 
 
 def to_run_config(cfg: DictConfig | dict) -> DictConfig:
@@ -264,6 +300,10 @@ def validate_config(cfg: DictConfig | dict) -> DictConfig:
         check_steps(list(m.steps))
     except ValueError as err:
         raise ConfigError(f"method.steps: {err}") from None
+    if m.plan is not None:  # the file exists, parses, and its entries resolve (torch-free)
+        from ditq.methods.plan import check_plan_file
+
+        check_plan_file(m.plan, run)
 
     _check_choice("sampler.kind", run.sampler.kind, SAMPLER_KINDS)
     _check_positive("sampler.num_steps", run.sampler.num_steps)
@@ -293,19 +333,26 @@ def validate_config(cfg: DictConfig | dict) -> DictConfig:
             "calib seeds overlap eval seeds: calibrating on the evaluated images biases the result; "
             "move calib.seed_start or eval.seed_start"
         )
+    _check_diagnostics(run)
     _check_choice("logger.mode", run.logger.mode, ("offline", "online", "disabled"))
     _check_choice("device", run.device, ("auto", "cpu", "cuda"))
     _check_choice("dtype_inference", run.dtype_inference, ("float32", "float16", "bfloat16"))
+    from ditq.config.checks import check_values  # ranges, choices and combinations of every group
+
+    check_values(run)
     if run.run_name is None:
         run.run_name = derive_run_name(run)
     return run
 
 
 def is_full_precision(run: DictConfig) -> bool:
-    return run.bits.weight is None and run.bits.act is None and not run.bits.overrides
+    return (run.bits.weight is None and run.bits.act is None and not run.bits.overrides
+            and not run.method.get("plan"))
 
 
 def derive_run_name(run: DictConfig) -> str:
     """A run name built from config values only (never typed by hand)."""
     quant = "fp" if is_full_precision(run) else f"{run.method.name}-{run.bits.name}"
+    if run.method.get("plan"):  # the plan decides the layers' formats: name it instead of bits
+        quant = f"{run.method.name}-plan_{os.path.splitext(os.path.basename(run.method.plan))[0]}"
     return f"{run.model.name}-{quant}-{run.sampler.name}-cfg{run.sampler.cfg_scale:g}-n{run.eval.num_samples}"

@@ -13,8 +13,15 @@ class QuantContext:
     run: Any  # the validated run config
     qlayers: dict[str, Any]  # layer name -> QuantLinear / QuantConv2d
     roles: dict[str, str]  # layer name -> role
-    layer_inputs: Callable[[], dict[str, torch.Tensor]]  # FP layer inputs on calibration data (cached)
+    # FP layer inputs on calibration data, {name: {"rows" [T, C], "min" [C], "max" [C]}} (cached; a
+    # ditq.calibration.lazy.Lazy the pipeline releases before sampling)
+    layer_inputs: Callable[[], dict[str, dict[str, torch.Tensor]]]
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    # denoiser inputs {x, t, y} recorded along FP trajectories of the calibration seeds (cached)
+    calib_records: Callable[[], dict[str, torch.Tensor]] | None = None
+    timesteps: list[int] = field(default_factory=list)  # the sampler's timesteps (condition grids)
+    scratch_dir: str | None = None  # where steps may spill large temporary data (block I/O)
+    progress: bool = True
 
 
 class Step:

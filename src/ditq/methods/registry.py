@@ -16,6 +16,7 @@ from ditq.methods import options as opt
 # name -> (options class, "module:Class")
 STEPS: dict[str, tuple[type, str]] = {
     "rtn": (opt.RTNOptions, "ditq.methods.rtn:RTN"),
+    "gptq": (opt.GPTQOptions, "ditq.methods.gptq:GPTQ"),
 }
 
 
@@ -36,6 +37,11 @@ def parse_step(spec: dict):
         options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(options_cls), spec))
     except OmegaConfBaseException as err:
         raise ValueError(f"step {name!r}: {err}") from None
+    if hasattr(options, "check"):
+        try:
+            options.check()
+        except ValueError as err:
+            raise ValueError(f"step {name!r}: {err}") from None
     return name, options
 
 

@@ -55,6 +55,25 @@ class ModelAdapter(ABC):
         """The denoiser's transformer blocks in order (for block-wise calibration)."""
         return []
 
+    # -- block-wise calibration (ditq.calibration.blocks); a chain-structured model implements these
+    def pre_block_layers(self) -> list[str]:
+        """Layers outside the blocks that run before the first block (e.g. the patch embedding)."""
+        return []
+
+    def block_tail(self, hidden: torch.Tensor, call) -> torch.Tensor:
+        """The denoiser's output (as `denoise` returns it) from the last block's hidden states and
+        the captured `BlockCall`."""
+        raise NotImplementedError(f"{type(self).__name__} does not support block-wise calibration")
+
+    def conditioning_layers(self) -> dict[str, object]:
+        """Layers whose input depends only on the condition (t, y), mapped to their segment (a
+        block index or "tail"): their statistics come from the grid of all conditions."""
+        return {}
+
+    def conditioning_inputs(self, segment, t: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The inputs ([B, C]) of the conditioning-only layers of `segment` for conditions (t, y)."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditioning-only layers")
+
     def parameter_bits(self, bits_of: dict[str, float]) -> float:
         """Total weight storage in bits; `bits_of` maps layer names to bits per weight
         (quantized layers); every other parameter counts at 32 bits. Shared copies count once."""

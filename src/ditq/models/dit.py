@@ -30,6 +30,9 @@ _ROLE_PATTERNS = [
     (re.compile(r"^proj_out_[12]$"), "final"),
 ]
 
+# Layers whose input is a function of (t, y) only (block-wise calibration feeds them from a grid).
+_CONDITIONING = re.compile(r"^transformer_blocks\.(\d+)\.norm1\.(linear|emb\.timestep_embedder\.linear_[12])$")
+
 # The DiT paper's training schedule (used when weights=random and no scheduler config exists).
 DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
@@ -93,17 +96,35 @@ def resolve_model_dir(cfg) -> Path | None:
         raise MissingCheckpointError(_download_hint(cfg, "Weights") + f" (hub said: {type(err).__name__})") from None
 
 
-def _file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's size, first and last MiB: cheap for multi-GB checkpoints."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(chunk))
-        if size > chunk:
-            f.seek(max(size - chunk, chunk))
-            h.update(f.read(chunk))
-    return h.hexdigest()[:16]
+def _file_fingerprint(path: Path) -> str:
+    """sha256 of the file's whole content (memoised by path, size and times: see utils/filehash)."""
+    from ditq.utils.filehash import file_sha256
+
+    return file_sha256(path)
+
+
+class NonFiniteWeightsError(ValueError):
+    """Loaded weights hold NaN/Inf: every sample would be meaningless, so the run stops at load."""
+
+
+def check_finite_weights(module: nn.Module, what: str, cfg, where, dtype: torch.dtype) -> None:
+    """Raise NonFiniteWeightsError naming the tensors of `module` that hold NaN/Inf (after the
+    cast to the inference dtype, i.e. the values that would actually run)."""
+    bad = []
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(f"{name} ({int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} Inf of {t.numel()})")
+    if not bad:
+        return
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    overflow = (f" If the file is intact in float32, the values may only overflow in {str(dtype).replace('torch.', '')}: "
+                "try dtype_inference=float32." if dtype != torch.float32 else "")
+    raise NonFiniteWeightsError(
+        f"model '{cfg.name}': {len(bad)} tensor(s) of the {what} loaded from {where} hold NaN/Inf values: "
+        f"{', '.join(bad[:5])}{more}. Sampling from these weights would produce meaningless images, so ditq "
+        f"stops before any sampling. Replace the checkpoint with an intact copy "
+        f"({cfg.obtain_hint or 'download it again'}; or point model.path at a good copy).{overflow}"
+    )
 
 
 class DiTAdapter(ModelAdapter):
@@ -134,6 +155,8 @@ class DiTAdapter(ModelAdapter):
                 ) from None
         with _quiet_diffusers():
             self.transformer.to(self.device, self.dtype).eval().requires_grad_(False)
+        if self.root is not None:
+            check_finite_weights(self.transformer, "transformer", cfg, self.root / "transformer", self.dtype)
         tc = self.transformer.config
         self.num_classes = tc.num_embeds_ada_norm
         if self.num_classes != cfg.num_classes:
@@ -171,7 +194,9 @@ class DiTAdapter(ModelAdapter):
                 ) from None
         with _quiet_diffusers():
             vae = AutoencoderKL.from_pretrained(src, torch_dtype=self.dtype, **kw)
-        return vae.to(self.device, self.dtype).eval().requires_grad_(False)
+        vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
+        check_finite_weights(vae, "VAE", cfg, Path(src) / kw.get("subfolder", ""), self.dtype)
+        return vae
 
     # -- interface -------------------------------------------------------------------------------
     @property
@@ -219,8 +244,8 @@ class DiTAdapter(ModelAdapter):
             fp["random_arch"] = {k: v for k, v in dict(self.cfg.arch).items()}
             fp["seed"] = 0
             return fp
-        files = {}
-        for sub in ("transformer", self.cfg.vae) if self.cfg.vae else ("transformer",):
+        files = {}  # whole-file sha256 of everything that shapes the outputs, the schedule included
+        for sub in ("transformer", "scheduler", self.cfg.vae) if self.cfg.vae else ("transformer", "scheduler"):
             d = self.root / sub
             for p in sorted(d.glob("*")) if d.is_dir() else []:
                 if p.suffix in (".safetensors", ".bin", ".json"):
@@ -239,3 +264,64 @@ class DiTAdapter(ModelAdapter):
             if all(torch.equal(params[k], ref[k]) for k in ref):
                 dup.update(id(p) for p in params.values())
         return [p for p in self.transformer.parameters() if id(p) not in dup]
+
+    # -- block-wise calibration ------------------------------------------------------------------
+    def pre_block_layers(self) -> list[str]:
+        return ["pos_embed.proj"]
+
+    def block_tail(self, hidden: torch.Tensor, call) -> torch.Tensor:
+        """diffusers' DiTTransformer2DModel.forward after the blocks (final adaLN, projection,
+        unpatchify), then `denoise`'s channel selection."""
+        import torch.nn.functional as F
+
+        tr = self.transformer
+        t, y = call.kwargs["timestep"], call.kwargs["class_labels"]
+        conditioning = tr.transformer_blocks[0].norm1.emb(t, y, hidden_dtype=hidden.dtype)
+        shift, scale = tr.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
+        h = tr.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]
+        h = tr.proj_out_2(h)
+        p, c = tr.patch_size, tr.out_channels
+        side = int(h.shape[1] ** 0.5)
+        h = torch.einsum("nhwpqc->nchpwq", h.reshape(-1, side, side, p, p, c))
+        out = h.reshape(-1, c, side * p, side * p)
+        return out[:, : call.out_shape[1]].to(call.out_dtype)
+
+    def conditioning_layers(self) -> dict[str, object]:
+        """The timestep embedder's linears and the adaLN linear of every block (their inputs are
+        functions of (t, y) only), and the final layer's adaLN projection."""
+        out: dict[str, object] = {}
+        for name, _ in self.transformer.named_modules():
+            m = _CONDITIONING.match(name)
+            if m:
+                out[name] = int(m.group(1))
+        out["proj_out_1"] = "tail"
+        return out
+
+    def _emb_module(self, segment):
+        blocks = self.transformer.transformer_blocks
+        return blocks[0 if segment == "tail" else int(segment)].norm1
+
+    @torch.no_grad()
+    def conditioning_inputs(self, segment, t: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch.nn.functional as F
+
+        norm1 = self._emb_module(segment)
+        prefix = "" if segment == "tail" else f"transformer_blocks.{int(segment)}.norm1."
+        emb = norm1.emb
+        got: dict[str, torch.Tensor] = {}
+        hooks = []
+        if segment != "tail":
+            for sub, mod in emb.named_modules():
+                if isinstance(mod, nn.Linear) or hasattr(mod, "weight_quantizer"):
+                    name = f"{prefix}emb.{sub}"
+                    hooks.append(mod.register_forward_pre_hook(
+                        lambda m, args, name=name: got.__setitem__(name, args[0].reshape(-1, args[0].shape[-1]))))
+        try:
+            cond = emb(t.to(self.device), y.to(self.device), hidden_dtype=self.dtype)
+        finally:
+            for h in hooks:
+                h.remove()
+        if segment == "tail":
+            return {"proj_out_1": F.silu(cond)}
+        got[f"{prefix}linear"] = norm1.silu(cond)
+        return got

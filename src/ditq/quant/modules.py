@@ -2,8 +2,12 @@
 
 The full-precision `weight` and `bias` stay parameters (GPTQ / AdaRound overwrite `weight.data`
 and call `refresh()`); the fake-quantized weight is cached by `refresh()` and reused at every
-forward. A quantizer of None keeps that side in full precision; `quant_enabled = False` makes the
-whole layer full precision (e.g. while recording FP calibration inputs). Set `cache_weight = False` to
+forward. The weight grid is explicit: the first time a weight is quantized (first forward or
+`refresh()`) a weight quantizer without stored parameters is fitted on it and keeps them, so an
+edited weight is re-rounded on that same grid; `refresh(refit=True)` deliberately fits a new grid
+(refused with FrozenParamsError when a step froze the parameters). Construction quantizes nothing.
+A quantizer of None keeps that side in full precision; `quant_enabled = False` makes the whole
+layer full precision (e.g. while recording FP calibration inputs). Set `cache_weight = False` to
 re-quantize the weight at every forward instead (gradients then reach `weight` straight through).
 In CPU inference (grad disabled, no hooks on the activation quantizer) the quantized input is
 written into a reused per-thread buffer, saving a large allocation per call; `reuse_act_buffer =
@@ -38,7 +42,7 @@ def _scratch_is_safe(quantizer: Quantizer, x: torch.Tensor) -> bool:
 
 
 def _refresh_after_load(module: "_QuantLayer", _incompatible_keys) -> None:
-    module.refresh()  # loading replaces weight / quantizer buffers: the cached weight is stale
+    module.w_hat = None  # loading replaces weight / quantizer buffers: re-quantize at the next use
 
 
 class _QuantLayer(nn.Module):
@@ -53,18 +57,31 @@ class _QuantLayer(nn.Module):
         self.weight_quantizer: Optional[Quantizer] = weight_quantizer
         self.act_quantizer: Optional[Quantizer] = act_quantizer
         self.name = name
+        for side, q in (("weight_quantizer", weight_quantizer), ("act_quantizer", act_quantizer)):
+            if q is not None and name and not q.name:
+                q.name = f"{name}.{side}"  # named in errors (e.g. FrozenParamsError)
         self.quant_enabled = True  # False: forward is the full-precision layer (e.g. to record FP inputs)
         self.cache_weight = True
         self.reuse_act_buffer = True  # CPU inference: quantized input in a reused buffer (see _scratch_is_safe)
-        self.register_buffer("w_hat", None, persistent=False)
-        self.refresh()
+        self.register_buffer("w_hat", None, persistent=False)  # filled at first use (lazy: no fit here)
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @torch.no_grad()
-    def refresh(self) -> None:
-        """Recompute the cached fake-quantized weight from `weight` (call after changing either)."""
+    def refresh(self, refit: bool = False) -> None:
+        """Recompute the cached fake-quantized weight from `weight` (call after changing either), on
+        the weight quantizer's stored grid; one without stored parameters is fitted first and keeps
+        them. refit=True fits a new grid on the current weight (FrozenParamsError if frozen)."""
         wq = self.weight_quantizer
-        self.w_hat = None if wq is None else wq(self.weight.detach())
+        if wq is None:
+            self.w_hat = None
+            return
+        self._ensure_weight_grid(refit)
+        self.w_hat = wq(self.weight.detach())
+
+    def _ensure_weight_grid(self, refit: bool = False) -> None:
+        wq = self.weight_quantizer
+        if refit or not wq.is_fitted:
+            wq.fit(self.weight.detach())
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward uses: cached, freshly quantized (cache_weight False), or FP."""
@@ -74,6 +91,7 @@ class _QuantLayer(nn.Module):
             if self.w_hat is None or self.w_hat.shape != self.weight.shape:
                 self.refresh()
             return self.w_hat
+        self._ensure_weight_grid()
         return self.weight_quantizer(self.weight)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +118,8 @@ class _QuantLayer(nn.Module):
 class QuantLinear(_QuantLayer):
     """nn.Linear with fake-quantized input and cached fake-quantized weight."""
 
+    wraps = nn.Linear  # the layer type it stands in for (e.g. how calibration lays out its inputs)
+
     def __init__(
         self,
         linear: nn.Linear,
@@ -124,6 +144,8 @@ class QuantLinear(_QuantLayer):
 class QuantConv2d(_QuantLayer):
     """nn.Conv2d with the same interface: weights quantized as [out, in*kh*kw], the activation
     quantizer applied with channels moved last ([B, H, W, C])."""
+
+    wraps = nn.Conv2d  # the layer type it stands in for: NCHW inputs
 
     def __init__(
         self,

@@ -10,6 +10,11 @@ QParams shapes (scale and zero_point alike; `group_size` set when the last dim i
 `quantize_with(x, params)` broadcasts parameters with a last dim of 1 against any x (GPTQ computes
 params on a slice of columns, then quantizes single columns with them); parameters with G > 1 need
 x's last dim to split into the same G groups.
+
+Frozen parameters. `set_params(params, freeze=True, frozen_by="gptq")` (or `freeze(by)` after a fit)
+marks the stored parameters as final: `fit()`, `reset()` and `set_params()` then raise
+`FrozenParamsError` until someone deliberately calls `unfreeze()`. The frozen state travels in the
+state dict (extra state), so a reloaded model keeps it.
 """
 from __future__ import annotations
 
@@ -30,7 +35,11 @@ from .runtime import kernel_threads, scratch
 from .spec import NonFiniteError, QuantizerConfig, parse_format, validate_quantizer_config
 from .ste import straight_through
 
-__all__ = ["QParams", "Quantizer", "build_quantizer", "NonFiniteError"]
+__all__ = ["QParams", "Quantizer", "build_quantizer", "NonFiniteError", "FrozenParamsError"]
+
+
+class FrozenParamsError(RuntimeError):
+    """A step tried to re-fit, reset or replace parameters that another step froze."""
 
 
 @dataclass
@@ -78,7 +87,9 @@ class Quantizer(nn.Module):
 
     fit(x) sets static ranges from data; forward(x) fake-quantizes (straight-through gradient);
     step(x) gives each element's local step; compute_params / quantize_with are the low-level pair.
-    Fitted parameters are buffers (`scale`, `zero_point`, `tensor_amax`), saved in the state dict.
+    Fitted parameters are buffers (`scale`, `zero_point`, `tensor_amax`), saved in the state dict;
+    `frozen_by` (extra state) names the step that froze them (see the module doc).
+    `name` is display only (QuantLinear sets it to '<layer>.weight_quantizer' / '.act_quantizer').
     """
 
     def __init__(self, cfg: QuantizerConfig, role: str):
@@ -101,6 +112,8 @@ class Quantizer(nn.Module):
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
         self.register_buffer("tensor_amax", None)
+        self.frozen_by: Optional[str] = None  # the step that froze the parameters (None: not frozen)
+        self.name = ""
 
     # ------------------------------------------------------------------ state
     @property
@@ -108,39 +121,87 @@ class Quantizer(nn.Module):
         """True once static parameters (or NVFP4's tensor range) are stored."""
         return self.scale is not None or self.tensor_amax is not None
 
+    @property
+    def frozen(self) -> bool:
+        """True while the stored parameters are frozen (fit / reset / set_params raise)."""
+        return self.frozen_by is not None
+
+    def freeze(self, by: str) -> None:
+        """Mark the stored parameters as final; `by` names the step (shown in FrozenParamsError)."""
+        if not isinstance(by, str) or not by:
+            raise ValueError(f"{self._who()}: freeze(by=...) needs the freezing step's name, got {by!r}")
+        if not self.is_fitted:
+            raise ValueError(f"{self._who()}: nothing to freeze; fit() or set_params() first")
+        self.frozen_by = by
+
+    def unfreeze(self) -> None:
+        """Allow fit / reset / set_params again (a deliberate re-fit of frozen parameters)."""
+        self.frozen_by = None
+
     def reset(self) -> None:
-        """Forget fitted parameters."""
+        """Forget fitted parameters (FrozenParamsError when frozen)."""
+        self._check_not_frozen("reset()")
         self.scale = self.zero_point = self.tensor_amax = None
 
-    def set_params(self, params: QParams) -> None:
-        """Store fixed parameters (e.g. the ones GPTQ used), so later forwards reuse them exactly."""
+    def set_params(self, params: QParams, freeze: bool = False, frozen_by: Optional[str] = None) -> None:
+        """Store fixed parameters (e.g. the ones GPTQ used), so later forwards reuse them exactly.
+
+        freeze=True also freezes them (frozen_by, the step's name, is then required), so that no later
+        step re-fits or re-rounds them. Raises FrozenParamsError if the parameters are already frozen."""
+        if freeze and (not isinstance(frozen_by, str) or not frozen_by):
+            raise ValueError(f"{self._who()}: set_params(freeze=True) needs frozen_by=<step name>, got {frozen_by!r}")
+        if not freeze and frozen_by is not None:
+            raise ValueError(f"{self._who()}: frozen_by={frozen_by!r} given without freeze=True; pass freeze=True")
+        self._check_not_frozen("set_params()")
         if (params.zero_point is None) != self.symmetric:
             need = "no zero point" if self.symmetric else "a zero point"
             raise ValueError(f"{self.describe()} needs parameters with {need}")
         self.scale = params.scale.detach().to(torch.float32)
         self.zero_point = None if params.zero_point is None else params.zero_point.detach().to(torch.float32)
+        if freeze:
+            self.frozen_by = frozen_by
+
+    def get_extra_state(self) -> dict:
+        return {"frozen_by": self.frozen_by}
+
+    def set_extra_state(self, state) -> None:
+        by = state.get("frozen_by") if isinstance(state, dict) else None
+        if by is not None and not isinstance(by, str):
+            raise ValueError(f"{self._who()}: state dict's frozen_by must be a string or None, got {by!r}")
+        self.frozen_by = by
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("scale", "zero_point", "tensor_amax"):
             if prefix + name in state_dict and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        # state dicts saved before the frozen state existed: not frozen (instead of a missing key)
+        state_dict.setdefault(prefix + "_extra_state", {"frozen_by": None})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
-    def fit(self, x: torch.Tensor) -> None:
+    def fit(self, x: torch.Tensor, data_range: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
         """Static range from data: the weight, or calibration activations [..., C]. Dynamic activation
-        quantizers record nothing (NVFP4 static activations record the tensor range only)."""
+        quantizers record nothing (NVFP4 static activations record the tensor range only).
+
+        data_range (activations only): the exact channel-wise (min [C], max [C]) of the full data that x
+        is an unbiased sample of. Rules that depend on the extremes (minmax, NVFP4's tensor range, the
+        starting range of the MSE search) then use it; percentile and the MSE error use x.
+        Raises FrozenParamsError when the parameters are frozen (unfreeze() first)."""
+        self._check_not_frozen("fit()")
         _require_finite(x, f"{self.describe()}.fit()")
+        if data_range is not None:
+            data_range = self._check_data_range(x, data_range)
         if self.spec.family == "nvfp4":
             if self.role == "act" and self.cfg.dynamic:
                 return
-            self.tensor_amax = x.detach().abs().amax().to(torch.float32)
+            src = x.detach() if data_range is None else torch.cat(data_range)
+            self.tensor_amax = src.abs().amax().to(torch.float32)
             if self.role == "act":
                 return
         elif self.cfg.dynamic:
             return
-        self.set_params(self.compute_params(x))
+        self.set_params(self._compute_params(x, data_range))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantized x (same shape and dtype); gradient passes straight through (see cfg.ste)."""
@@ -156,6 +217,9 @@ class Quantizer(nn.Module):
     @torch.no_grad()
     def compute_params(self, x: torch.Tensor) -> QParams:
         """Parameters for x under this quantizer's granularity and range rule (shapes: module doc)."""
+        return self._compute_params(x, None)
+
+    def _compute_params(self, x: torch.Tensor, data_range) -> QParams:
         x = x.detach()
         if self.role == "weight":
             m = x.reshape(x.shape[0], -1) if x.ndim != 2 else x
@@ -170,17 +234,20 @@ class Quantizer(nn.Module):
             lo, hi = grouped_stats(m, self.group_size, self._row_range)
             shape = lead + (hi.shape[1],)
         else:
+            extremes = None if data_range is None else torch.stack(data_range)  # [2, C], act only
             if gran == "per_tensor" and self.role == "act" and self.cfg.dynamic and x.ndim >= 2:
                 rows, shape = x.reshape(x.shape[0], -1), (x.shape[0],) + (1,) * (x.ndim - 1)
             elif gran == "per_tensor":
                 rows, shape = x.reshape(1, -1), ((1, 1) if self.role == "weight" else ())
+                extremes = None if extremes is None else extremes.reshape(1, -1)
             elif gran == "per_channel" and self.role == "weight":
                 rows, shape = m, (m.shape[0], 1)
             elif gran == "per_channel":
                 rows, shape = m.t(), (m.shape[1],)
+                extremes = None if extremes is None else extremes.t()
             else:  # per_token
                 rows, shape = m, lead + (1,)
-            lo, hi = self._row_range(rows)
+            lo, hi = self._row_range(rows, extremes)
         scale, zp = scale_from_range(self.format, lo, hi, self.cfg.eps, self.cfg.range_includes_zero)
         return QParams(scale.reshape(shape), None if zp is None else zp.reshape(shape), self.group_size)
 
@@ -239,9 +306,43 @@ class Quantizer(nn.Module):
         return f"{self.role}:" + " ".join(parts)
 
     def extra_repr(self) -> str:
-        return self.describe() + (", fitted" if self.is_fitted else "")
+        frozen = f", frozen by {self.frozen_by}" if self.frozen else ""
+        return self.describe() + (", fitted" if self.is_fitted else "") + frozen
 
     # ------------------------------------------------------------------ internals
+    def _who(self) -> str:
+        return f"{self.name} ({self.describe()})" if self.name else self.describe()
+
+    def _check_not_frozen(self, action: str) -> None:
+        if self.frozen:
+            raise FrozenParamsError(
+                f"{self._who()}: {action} refused, its parameters were frozen by '{self.frozen_by}' so that "
+                f"every later forward reuses them exactly; call unfreeze() first to replace them deliberately, "
+                f"or skip frozen quantizers (check `.frozen`)"
+            )
+
+    def _check_data_range(self, x: torch.Tensor, data_range) -> tuple[torch.Tensor, torch.Tensor]:
+        who = f"{self._who()}.fit(data_range=...)"
+        if self.role != "act":
+            raise ValueError(f"{who}: data_range is for activation calibration samples; fit a weight on itself")
+        if not (isinstance(data_range, (tuple, list)) and len(data_range) == 2):
+            raise ValueError(f"{who}: pass data_range=(min [C], max [C]), got {type(data_range).__name__}")
+        c = x.shape[-1]
+        lo, hi = (torch.as_tensor(t).detach().to(device=x.device, dtype=torch.float32) for t in data_range)
+        if lo.shape != (c,) or hi.shape != (c,):
+            raise ValueError(
+                f"{who}: min and max must have shape [{c}] (the sample's channels, last dim), got "
+                f"{tuple(lo.shape)} and {tuple(hi.shape)}"
+            )
+        _require_finite(torch.stack([lo, hi]), who)
+        m = x.detach().reshape(-1, c).float()
+        if m.shape[0] and bool(((m.amin(0) < lo) | (m.amax(0) > hi)).any()):
+            raise ValueError(
+                f"{who}: the sample has values outside the given (min, max); data_range must be the range "
+                f"of the full data the sample was drawn from (same layer, same channel order)"
+            )
+        return lo, hi
+
     def _apply(self, x: torch.Tensor, params: QParams, fn):
         shape = x.shape
         xv = x.reshape(shape[0], -1) if self.role == "weight" and x.ndim > 2 else x
@@ -270,13 +371,15 @@ class Quantizer(nn.Module):
             f"before forward, or set dynamic: true"
         )
 
-    def _row_range(self, rows: torch.Tensor):
+    def _row_range(self, rows: torch.Tensor, extremes: Optional[torch.Tensor] = None):
+        """(lo, hi) per row; `extremes` (rows laid out like `rows`, holding the full data's min and max)
+        replaces the rows' own extremes for minmax and as the MSE search's starting range."""
         cfg = self.cfg
         method = "minmax" if cfg.dynamic else cfg.range
         if method == "percentile":
             lo, hi = percentile_range(rows, cfg.percentile, self.symmetric)
         else:
-            lo, hi = minmax_range(rows, self.symmetric)
+            lo, hi = minmax_range(rows if extremes is None else extremes, self.symmetric)
         if cfg.check_finite:
             _check_ranges(lo, hi, self.describe())
         if method == "mse":
