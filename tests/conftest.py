@@ -31,6 +31,12 @@ SHRINK = [
 
 
 @pytest.fixture
+def paths(tmp_path):
+    """Overrides sending the cache and the results store to a temporary directory."""
+    return [f"paths.cache_dir={tmp_path}/cache", f"paths.results_dir={tmp_path}/results"]
+
+
+@pytest.fixture
 def tmp_paths(tmp_path):
     """Overrides sending cache, results and outputs to a temporary directory."""
     return [

@@ -29,3 +29,13 @@ def sampler_cfg(**kw):
     base = dict(name="t", kind="ddim", num_steps=5, cfg_scale=1.5, batch_size=8)
     base.update(kw)
     return OmegaConf.structured(SamplerConfig(**base))
+
+
+def run_pipeline(compose, overrides, out_dir, shrink: bool = True):
+    """One pipeline run of the composed config (shrunk to seconds by default); returns its row."""
+    from ditq.config import validate_config
+    from ditq.pipeline import run
+    from tests.conftest import SHRINK
+
+    cfg = validate_config(compose((SHRINK if shrink else []) + list(overrides)))
+    return run(cfg, output_dir=out_dir, progress=False)

@@ -6,7 +6,7 @@ from ditq.calibration.blocks import BlockRunner
 from ditq.calibration.engine import BlockwiseEngine, TensorStream
 from ditq.calibration.stats import HessianAccumulator, LayerStats, weight_rows
 from tests.conftest import SHRINK
-from tests.helpers import random_dit
+from tests.helpers import random_dit, run_pipeline
 
 
 def _records(n=6, seed=0, timesteps=(999, 500, 20)):
@@ -210,19 +210,6 @@ def test_conditioning_grid_is_computed_once_for_identical_embedder_copies(embedd
 
 
 # -- the GPTQ step end to end --------------------------------------------------------------------------
-def run_pipeline(compose, overrides, out_dir):
-    from ditq.config import validate_config
-    from ditq.pipeline import run
-
-    cfg = validate_config(compose(SHRINK + overrides))
-    return run(cfg, output_dir=out_dir, progress=False)
-
-
-@pytest.fixture
-def paths(tmp_path):
-    return [f"paths.cache_dir={tmp_path}/cache", f"paths.results_dir={tmp_path}/results"]
-
-
 def test_gptq_beats_rtn_on_psnr_and_freezes_its_parameters(compose, paths, tmp_path):
     rtn = run_pipeline(compose, paths + ["bits=w4a8", "method=rtn"], tmp_path / "rtn")
     gptq = run_pipeline(compose, paths + ["bits=w4a8", "method=gptq"], tmp_path / "gptq")
@@ -231,6 +218,18 @@ def test_gptq_beats_rtn_on_psnr_and_freezes_its_parameters(compose, paths, tmp_p
     assert g["layers"] == 42 and g["dead_columns"] == 0
     assert g["block_forwards"] == 2 * 6 * g["batches"]  # never a whole-model forward per block
     assert g["per_layer"]["transformer_blocks.0.attn1.to_k"]["hessian_shared_with"] == "transformer_blocks.0.attn1.to_q"
+    # per-layer output error against the FP model on held-out records (the run's diagnostics)
+    import pandas as pd
+
+    err = {}
+    for name, row in (("rtn", rtn), ("gptq", gptq)):
+        t = pd.read_csv(f"{row['output_dir']}/diagnostics.csv")
+        t = t[t["scope"] == "layer"]
+        err[name] = t.groupby("name")[["output_rel_mse", "weight_rel_mse"]].mean()
+    assert (err["gptq"]["weight_rel_mse"] > 0).all()  # measured against the FP weight, which GPTQ keeps
+    better = (err["gptq"]["output_rel_mse"] < err["rtn"]["output_rel_mse"]).mean()
+    print(f"GPTQ below RTN on {better:.0%} of the layers")
+    assert better > 0.9
 
 
 def test_gptq_parameters_survive_a_later_rtn_step(compose, paths, tmp_path):
@@ -246,13 +245,13 @@ def test_gptq_parameters_survive_a_later_rtn_step(compose, paths, tmp_path):
                        calib_records=lambda: _records(6), timesteps=[999, 500, 20], progress=False)
     (gptq,) = build_steps([{"name": "gptq", "batch_size": 4}])
     gptq.apply(ctx)
-    before = {n: (q.weight.detach().clone(), q.weight_quantizer.scale.clone()) for n, q in qlayers.items()}
+    before = {n: (q.quantized_weight().detach().clone(), q.weight_quantizer.scale.clone()) for n, q in qlayers.items()}
     (rtn,) = build_steps([{"name": "rtn"}])
     rtn.apply(ctx)
     for n, q in qlayers.items():
         assert q.weight_quantizer.frozen
         assert torch.equal(q.weight_quantizer.scale, before[n][1])
-        assert torch.equal(q.quantized_weight(), before[n][0])  # GPTQ's weights are on the grid: idempotent
+        assert torch.equal(q.quantized_weight(), before[n][0])  # GPTQ's values, not re-rounded
 
 
 def test_gptq_bad_inputs_fail_before_work(compose, paths):
@@ -279,3 +278,35 @@ def test_gptq_bad_inputs_fail_before_work(compose, paths):
     # option ranges are checked with the config, before anything loads
     with pytest.raises(Exception, match="block_size"):
         validate_config(compose(SHRINK + paths + ["method=gptq", "method.steps.1.block_size=0"]))
+
+
+def test_gptq_keeps_the_fp_weight_so_full_precision_is_still_the_fp_model(compose, paths):
+    """GPTQ's values are the layer's weight source; `weight` and the FP forward stay untouched, and the
+    weight source survives a state-dict round trip."""
+    from ditq.config import validate_config
+    from ditq.methods.base import QuantContext
+    from ditq.methods.registry import build_steps
+    from ditq.methods.wrap import full_precision
+
+    adapter = random_dit()
+    r = _records(4)
+    with torch.no_grad():
+        fp_out = adapter.denoise(r["x"], r["t"], r["y"])
+    fp_weights = {n: p.detach().clone() for n, p in adapter.denoiser.named_parameters()}
+    qlayers = _wrap(adapter, "int3", layers={"qkv", "fc1", "fc2"})
+    run = validate_config(compose(SHRINK + paths + ["method=gptq", "bits=w4a8"]))
+    ctx = QuantContext(adapter=adapter, run=run, qlayers=qlayers, roles={}, layer_inputs=lambda: {},
+                       calib_records=lambda: _records(6), timesteps=[999, 500, 20], progress=False)
+    build_steps([{"name": "gptq", "batch_size": 4}])[0].apply(ctx)
+    for n, p in adapter.denoiser.named_parameters():
+        assert torch.equal(p, fp_weights[n]), n
+    with torch.no_grad(), full_precision(qlayers):
+        assert torch.equal(adapter.denoise(r["x"], r["t"], r["y"]), fp_out)
+    q = qlayers["transformer_blocks.0.ff.net.2"]
+    assert q.weight_source is not None and torch.equal(q.quantized_weight(), q.weight_source)
+    rtn_grid = q.weight_quantizer(q.weight.detach())
+    assert not torch.equal(q.quantized_weight(), rtn_grid)  # GPTQ's values, not the FP weight rounded
+    state = q.state_dict()
+    twin = _wrap(random_dit(), "int3", layers={"fc2"})["transformer_blocks.0.ff.net.2"]
+    twin.load_state_dict(state)
+    assert torch.equal(twin.quantized_weight(), q.quantized_weight())

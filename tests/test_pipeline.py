@@ -9,18 +9,11 @@ import pytest
 from ditq.config import validate_config
 from ditq.tracking.store import ResultsStore
 from tests.conftest import SHRINK
+from tests.helpers import run_pipeline
 
 
-def run_pipeline(compose, overrides, out_dir):
-    from ditq.pipeline import run
-
-    cfg = validate_config(compose(SHRINK + overrides))
-    return run(cfg, output_dir=out_dir, progress=False)
 
 
-@pytest.fixture
-def paths(tmp_path):
-    return [f"paths.cache_dir={tmp_path}/cache", f"paths.results_dir={tmp_path}/results"]
 
 
 def test_fp_and_quantized_rows_are_paired(compose, paths, tmp_path):

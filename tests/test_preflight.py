@@ -7,6 +7,7 @@ import pytest
 
 from ditq.config import ConfigError, validate_config
 from tests.conftest import SHRINK
+from tests.helpers import run_pipeline
 
 DIT256 = ["model=dit_xl_256", "dataset=imagenet"]
 
@@ -90,9 +91,7 @@ def no_sampling(monkeypatch):
 
 
 def _run(compose, overrides, out_dir):
-    from ditq.pipeline import run
-
-    return run(validate_config(compose(SHRINK + overrides)), output_dir=out_dir, progress=False)
+    return run_pipeline(compose, overrides, out_dir)
 
 
 def _paths(tmp_path):

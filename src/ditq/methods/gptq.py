@@ -2,8 +2,9 @@
 
 The step knows no number format (the layer's weight quantizer is the format) and no model (the
 adapter's block runner is the model). The parameters GPTQ used are stored in the weight quantizer
-and frozen, so no later step (e.g. `rtn`) re-fits or re-rounds them; the layer's `weight` holds
-the quantized values themselves.
+and frozen, so no later step (e.g. `rtn`) re-fits or re-rounds them; GPTQ's quantized values
+become the layer's weight source (`set_weight_source`), while `weight` stays the FP weight, so the
+FP model (diagnostics, FP layer inputs) is still one `full_precision` away.
 """
 from __future__ import annotations
 
@@ -50,9 +51,8 @@ class GPTQ(Step):
                 res = gptq_quantize(_weight_2d(q), stats.hessian(n), q.weight_quantizer, block_size=o.block_size,
                                     percdamp=o.percdamp, act_order=o.act_order, static_groups=o.static_groups,
                                     name=n)
-                q.weight.data.copy_(res.weight.reshape(q.weight.shape).to(q.weight.dtype))
                 q.weight_quantizer.set_params(res.params, freeze=True, frozen_by="gptq")
-                q.refresh()
+                q.set_weight_source(res.weight.reshape(q.weight.shape))
                 per_layer[n] = {"segment": str(segment), "rows": stats.rows_seen(n), "loss": res.loss,
                                 "dead_columns": res.dead_columns, "damping": res.damping,
                                 "hessian_shared_with": stats.owner(n) if stats.owner(n) != n else None}

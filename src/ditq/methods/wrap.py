@@ -59,6 +59,8 @@ def apply_plan(qlayers: dict[str, nn.Module], plan: QuantPlan) -> list[str]:
             current, wanted = getattr(q, attr), getattr(lp, side)
             if (current.cfg if current is not None else None) != wanted:
                 setattr(q, attr, _build(wanted, side))
+                if side == "weight":  # values an algorithm rounded for the old grid no longer apply
+                    q.weight_source = None
                 same = False
         if not same:
             q.refresh()

@@ -35,17 +35,9 @@ def _torch_version() -> str:
     return ".".join(torch.__version__.split("+")[0].split(".")[:2])
 
 
-_DIGESTS: dict[tuple, str] = {}
-
-
 def weights_digest(path: str | Path) -> str:
-    """sha256 of a weights file, memoised per (path, size, mtime)."""
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = file_digest(p)
-    return _DIGESTS[key]
+    """sha256 of a weights file (memoised by path, size and times, see ditq.utils.filehash)."""
+    return file_digest(path)
 
 
 def resolve_inception_path(path: str | os.PathLike | None) -> Path:

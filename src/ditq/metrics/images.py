@@ -57,13 +57,8 @@ def tensor_digest(x: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def file_digest(path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
+def file_digest(path) -> str:
+    """sha256 of a file's whole content, remembered by path, size and times (ditq.utils.filehash)."""
+    from ditq.utils.filehash import file_sha256
+
+    return file_sha256(path)

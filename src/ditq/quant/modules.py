@@ -1,8 +1,10 @@
 """QuantLinear / QuantConv2d: a layer with a weight quantizer and an input-activation quantizer.
 
-The full-precision `weight` and `bias` stay parameters (GPTQ / AdaRound overwrite `weight.data`
-and call `refresh()`); the fake-quantized weight is cached by `refresh()` and reused at every
-forward. The weight grid is explicit: the first time a weight is quantized (first forward or
+The full-precision `weight` and `bias` stay parameters and stay the FP model's values, so
+`quant_enabled = False` is always the FP layer. An algorithm that computes the values to round
+(GPTQ's error-updated weights, hardened AdaRound) hands them over with `set_weight_source(w)`: the
+weight quantizer then rounds that persistent buffer instead of `weight`. The fake-quantized weight
+is cached by `refresh()` and reused at every forward. The weight grid is explicit: the first time a weight is quantized (first forward or
 `refresh()`) a weight quantizer without stored parameters is fitted on it and keeps them, so an
 edited weight is re-rounded on that same grid; `refresh(refit=True)` deliberately fits a new grid
 (refused with FrozenParamsError when a step froze the parameters). Construction quantizes nothing.
@@ -64,6 +66,7 @@ class _QuantLayer(nn.Module):
         self.cache_weight = True
         self.reuse_act_buffer = True  # CPU inference: quantized input in a reused buffer (see _scratch_is_safe)
         self.register_buffer("w_hat", None, persistent=False)  # filled at first use (lazy: no fit here)
+        self.register_buffer("weight_source", None)  # values to round instead of `weight` (set_weight_source)
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @torch.no_grad()
@@ -76,12 +79,32 @@ class _QuantLayer(nn.Module):
             self.w_hat = None
             return
         self._ensure_weight_grid(refit)
-        self.w_hat = wq(self.weight.detach())
+        self.w_hat = wq(self.weight_to_quantize().detach())
+
+    def weight_to_quantize(self) -> torch.Tensor:
+        """What the weight quantizer rounds: the weight source if one was set, else `weight`."""
+        return self.weight if self.weight_source is None else self.weight_source
+
+    @torch.no_grad()
+    def set_weight_source(self, w: Optional[torch.Tensor]) -> None:
+        """Round `w` (same shape as `weight`) instead of `weight` from now on, keeping `weight` the FP
+        value (None goes back to rounding `weight`); refreshes the cached weight."""
+        if w is not None and tuple(w.shape) != tuple(self.weight.shape):
+            raise ValueError(f"{self.name or type(self).__name__}: weight source of shape {tuple(w.shape)} "
+                             f"for a weight of shape {tuple(self.weight.shape)}")
+        self.weight_source = None if w is None else w.detach().to(self.weight.dtype).clone()
+        self.refresh()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight_source"
+        if key in state_dict and self.weight_source is None:
+            self.weight_source = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _ensure_weight_grid(self, refit: bool = False) -> None:
         wq = self.weight_quantizer
         if refit or not wq.is_fitted:
-            wq.fit(self.weight.detach())
+            wq.fit(self.weight_to_quantize().detach())
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward uses: cached, freshly quantized (cache_weight False), or FP."""
@@ -92,7 +115,7 @@ class _QuantLayer(nn.Module):
                 self.refresh()
             return self.w_hat
         self._ensure_weight_grid()
-        return self.weight_quantizer(self.weight)
+        return self.weight_quantizer(self.weight_to_quantize())
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         aq = self.act_quantizer
