@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 DEPTH = 28
 
 
-def build(blocks: int):
+def build(blocks: int, device: str = "cpu"):
     from ditq.config.schema import ModelConfig, quantizer_config
     from ditq.models import load_adapter
     from ditq.quant.modules import QuantConv2d, QuantLinear
@@ -40,7 +40,7 @@ def build(blocks: int):
                 sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
     cfg = OmegaConf.structured(ModelConfig(name="dit_xl_256", weights="random", arch=arch, resolution=256,
                                            num_classes=1000))
-    adapter = load_adapter(cfg)
+    adapter = load_adapter(cfg, device=device)
     wcfg = {"granularity": "per_group", "group_size": 128, "symmetric": False}
     qlayers = {}
     for info in adapter.layers():
@@ -64,6 +64,12 @@ def records(n: int, seed: int = 0):
     return {"x": torch.randn(n, 4, 32, 32, generator=g), "t": t, "y": torch.randint(0, 1000, (n,), generator=g)}, ts
 
 
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so wall-clock intervals measure it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def gptq_layers(qlayers, names, stats):
     from ditq.algorithms.gptq import gptq_quantize
 
@@ -75,41 +81,46 @@ def gptq_layers(qlayers, names, stats):
         q.set_weight_source(res.weight.reshape(q.weight.shape))
 
 
-def run_ours(blocks, n_records, batch):
+def run_ours(blocks, n_records, batch, device):
     from ditq.calibration.engine import BlockwiseEngine
 
-    adapter, qlayers = build(blocks)
+    adapter, qlayers = build(blocks, device)
     recs, ts = records(n_records)
     seg_time: dict = {}
 
     def on_segment(segment, names, stats):
+        sync(device)
         t0 = time.perf_counter()
         gptq_layers(qlayers, names, stats)
+        sync(device)
         seg_time[segment] = time.perf_counter() - t0
 
     eng = BlockwiseEngine(adapter, qlayers, recs, include_uncond=True, batch_size=batch, sequential=True,
                           grid_timesteps=ts, grid_labels=list(range(1001)), progress=False)
     t0 = time.perf_counter()
     rep = eng.run(on_segment)
+    sync(device)
     wall = time.perf_counter() - t0
     params = sum(p.numel() for p in adapter.denoiser.parameters())
     return {"wall": wall, "report": rep, "gptq_s": seg_time, "params": params,
-            "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
 
 
-def run_reference(blocks, n_records, batch):
+def run_reference(blocks, n_records, batch, device):
     """Q-DiT's schedule: per block a whole-model forward over all records, hooks on that block."""
     from ditq.calibration.blocks import BlockRunner, calibration_batches
     from ditq.calibration.stats import LayerStats
 
-    adapter, qlayers = build(blocks)
+    adapter, qlayers = build(blocks, device)
     recs, _ = records(n_records)
     batches = list(calibration_batches(recs, adapter.null_class, True, batch))
     segs = BlockRunner(adapter).segment_layers(list(qlayers))
     t0 = time.perf_counter()  # one plain whole-model forward over all records (no hooks, no statistics)
     with torch.no_grad():
         for x, t, y in batches:
-            adapter.denoise(x, t, y)
+            adapter.denoise(x.to(device), t.to(device), y.to(device))
+    sync(device)
     plain_s = time.perf_counter() - t0
     fwd_s, gptq_s = [], []
     for k in range(blocks):
@@ -120,12 +131,14 @@ def run_reference(blocks, n_records, batch):
                 q.quant_enabled = False
             for x, t, y in batches:
                 stats.new_batch()
-                adapter.denoise(x, t, y)
+                adapter.denoise(x.to(device), t.to(device), y.to(device))
             for q in (qlayers[n] for n in names):
                 q.quant_enabled = True
+        sync(device)
         fwd_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         gptq_layers(qlayers, names, stats)
+        sync(device)
         gptq_s.append(time.perf_counter() - t0)
     return {"fwd_s": fwd_s, "gptq_s": gptq_s, "plain_s": plain_s}
 
@@ -136,12 +149,13 @@ def main(argv=None) -> None:
     p.add_argument("--records", type=int, default=32)
     p.add_argument("--batch", type=int, default=16, help="rows per forward (conditional + unconditional)")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (see benchmarks/gpu_gptq.sh)")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; DiT-XL/2 widths, {a.blocks} blocks, "
           f"{a.records} records x 2 branches, batch {a.batch}", flush=True)
 
-    ours = run_ours(a.blocks, a.records, a.batch)
+    ours = run_ours(a.blocks, a.records, a.batch, a.device)
     rep = ours["report"]
     per_block = [ours["gptq_s"].get(k, 0.0) for k in range(a.blocks)]
     other = ours["wall"] - sum(per_block)  # forwards, statistics, capture, grid, tail
@@ -157,12 +171,14 @@ def main(argv=None) -> None:
           f"batches), grid rows {rep['grid_rows']}; peak RSS {ours['rss_gb']:.2f} GB = "
           f"{ours['rss_gb'] / (3 * fp32_gb + io_gb):.2f} x (3 x fp32 model {fp32_gb:.2f} GB + block I/O "
           f"{io_gb:.2f} GB)", flush=True)
+    if ours["gpu_gb"] is not None:
+        print(f"peak GPU memory {ours['gpu_gb']:.2f} GB")
     print(f"ours per block {blocks_s / a.blocks:.1f} s, fixed (capture, condition grid {rep['grid_s']:.1f} s, "
           f"tail) {fixed_s:.1f} s; extrapolated to {DEPTH} blocks: {ours_28:.0f} s, "
           f"{2 * DEPTH * rep['batches']} block forwards")
     if a.skip_reference:
         return
-    ref = run_reference(a.blocks, a.records, a.batch)
+    ref = run_reference(a.blocks, a.records, a.batch, a.device)
     # per block at depth 28: one forward of a 28-block model (the plain forward scaled by depth), plus
     # the statistics of the block's layers (the hooked pass minus the plain forward), plus its GPTQ
     fwd_28 = ref["plain_s"] * DEPTH / a.blocks
