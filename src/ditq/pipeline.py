@@ -111,6 +111,7 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
     from ditq.calibration.lazy import Lazy
     from ditq.methods.base import QuantContext
     from ditq.methods.registry import build_steps
+    from ditq.methods.cost import row_cost
     from ditq.methods.plan import plan_for_run
     from ditq.methods.wrap import bits_per_weight as layer_bits_per_weight
     from ditq.methods.wrap import full_precision, wrap_layers
@@ -272,6 +273,7 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
         "plan": None if plan is None else {**plan.compact(), "file": str((output_dir / "plan.yaml").resolve()),
                                            "source": run.method.plan or "method+bits"},
         "quantized_layers": len(bits_of),
+        "cost": None if plan is None else row_cost(plan, adapter),  # BitOps, storage, mean group size (methods/cost.py)
         "timings": {**timings.seconds, "total_s": timings.total(),
                     # FP: the time it took to produce the samples, not the cache load of a warm run
                     "sample_s": fp_stats["produce_s"] if fp_run else timings.seconds.get("sample", 0.0),

@@ -476,6 +476,28 @@ class QuantPlan:
                 raise PlanError("; ".join(problems))
         return dataclasses.replace(self, layers=changed, created_by=self.created_by)
 
+    def with_group_sizes(self, sizes: dict[str, int]) -> "QuantPlan":
+        """A new plan where each layer in `sizes` uses that group size on BOTH quantized sides, as
+        Q-DiT ties them: weight granularity per_group, activation per_token_group (the activation
+        must be dynamic already). A full-precision side stays so; the group-size check applies."""
+        plan = self
+        for name, g in sizes.items():
+            if not isinstance(g, int) or isinstance(g, bool) or g <= 0:
+                raise PlanError(f"with_group_sizes: layer {name}: group size must be a positive int, got {g!r}")
+            lp = plan.layers.get(name)
+            if lp is None:
+                raise PlanError(f"plan has no layer {name!r}; layers: {_names(list(plan.layers))}")
+            try:
+                plan = plan.with_layer(
+                    name,
+                    weight=_UNSET if lp.weight is None else {"granularity": "per_group", "group_size": g},
+                    act=_UNSET if lp.act is None else {"granularity": "per_token_group", "group_size": g})
+            except PlanError:
+                raise
+            except ConfigError as err:  # e.g. a static activation: groups per token need dynamic ranges
+                raise PlanError(f"with_group_sizes: {err}") from None
+        return plan
+
     # -- reading
     def quantized(self) -> dict[str, LayerPlan]:
         return {n: lp for n, lp in self.layers.items() if lp.quantized}
