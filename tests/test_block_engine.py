@@ -310,3 +310,20 @@ def test_gptq_keeps_the_fp_weight_so_full_precision_is_still_the_fp_model(compos
     twin = _wrap(random_dit(), "int3", layers={"fc2"})["transformer_blocks.0.ff.net.2"]
     twin.load_state_dict(state)
     assert torch.equal(twin.quantized_weight(), q.quantized_weight())
+
+
+def test_calibration_records_asked_for_by_a_step_are_the_fp_models(compose, paths, tmp_path):
+    """GPTQ asks for the trajectory records itself (no layer inputs first): they must still come from
+    the FP model, since they are cached under the FP key and shared with every later run."""
+    from ditq.calibration import collect_trajectory_inputs
+    from ditq.config import validate_config
+    from ditq.models import load_adapter
+    from ditq.sampling import Sampler
+
+    run_pipeline(compose, paths + ["method=qdit", "bits=w4a4", "diagnostics.enabled=false"], tmp_path / "q")
+    (entry,) = (tmp_path / "cache" / "calib_inputs").glob("*.pt")
+    cached = torch.load(entry, weights_only=True)
+    run = validate_config(compose(SHRINK + paths))
+    adapter = load_adapter(run.model)
+    fresh = collect_trajectory_inputs(Sampler(adapter, run.sampler), run.calib, adapter.num_classes, progress=False)
+    assert torch.equal(cached["x"], fresh["x"])

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # Bump when a change alters what cached samples / calibration data contain.
 SAMPLES_VERSION = 1
-CALIB_VERSION = 1
+CALIB_VERSION = 2  # 2: trajectories always from the FP model (a step asking first got the quantized one)
 
 
 def resolve_device(name: str) -> str:
@@ -174,10 +174,11 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
         calib_spec = {"v": CALIB_VERSION, "model": model_fp, "sampler": sampler_spec(run),
                       "calib": OmegaConf.to_container(run.calib, resolve=True), "dtype": run.dtype_inference}
 
-        def trajectory_inputs():
-            return cache.get_or_create(
-                "calib_inputs", calib_spec,
-                lambda: collect_trajectory_inputs(sampler, run.calib, adapter.num_classes, progress=progress))
+        def trajectory_inputs():  # always the FP model's trajectories, whoever asks (a step or layer_inputs)
+            with full_precision(qlayers):
+                return cache.get_or_create(
+                    "calib_inputs", calib_spec,
+                    lambda: collect_trajectory_inputs(sampler, run.calib, adapter.num_classes, progress=progress))
 
         layer_names: list[str] = []
 
