@@ -12,6 +12,7 @@ import math
 from omegaconf import DictConfig, OmegaConf
 
 from ditq.config.schema import ConfigError, quantizer_config
+from ditq.config.schema import _check_choice as _choice
 
 MODEL_FAMILIES = ("dit",)  # ditq.models.registry.load_adapter
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
@@ -43,11 +44,6 @@ def _at_least(key: str, value, low, fix: str = "") -> None:
 def _in_range(key: str, value, low, high, fix: str = "") -> None:
     if value is None or not math.isfinite(value) or not low <= value <= high:
         _fail(f"{key}={value!r} must be in [{low}, {high}]{'; ' + fix if fix else ''}")
-
-
-def _choice(key: str, value, valid, why: str = "") -> None:
-    if value not in valid:
-        _fail(f"{key}={value!r} is not valid; choose one of: {', '.join(str(v) for v in valid)}{why}")
 
 
 def check_values(run: DictConfig) -> None:

@@ -181,9 +181,9 @@ def _choices(values) -> str:
     return ", ".join(str(v) for v in values)
 
 
-def _check_choice(key: str, value: str, valid) -> None:
+def _check_choice(key: str, value: str, valid, why: str = "") -> None:
     if value not in valid:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {_choices(valid)}")
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {_choices(valid)}{why}")
 
 
 def _check_positive(key: str, value) -> None:
