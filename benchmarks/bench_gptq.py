@@ -71,14 +71,10 @@ def sync(device: str) -> None:
 
 
 def gptq_layers(qlayers, names, stats):
-    from ditq.algorithms.gptq import gptq_quantize
+    from ditq.methods.gptq import gptq_layer  # exactly what the GPTQ step does per layer
 
     for n in names:
-        q = qlayers[n]
-        w = q.weight.detach().reshape(q.weight.shape[0], -1)
-        res = gptq_quantize(w, stats.hessian(n), q.weight_quantizer, block_size=128, name=n)
-        q.weight_quantizer.set_params(res.params, freeze=True, frozen_by="gptq")
-        q.set_weight_source(res.weight.reshape(q.weight.shape))
+        gptq_layer(qlayers[n], stats.hessian(n), n, block_size=128)
 
 
 def run_ours(blocks, n_records, batch, device):

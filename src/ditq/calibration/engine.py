@@ -45,8 +45,10 @@ def _digest(t: torch.Tensor) -> str:
 
 
 @contextmanager
-def _fp(modules):
-    """The given quantized layers run in full precision inside the block."""
+def full_precision(qlayers):
+    """The given quantized layers ({name: layer} or an iterable of layers) run as their FP layers
+    inside the block (quantizers bypassed); each layer's previous state is restored afterwards."""
+    modules = list(qlayers.values()) if isinstance(qlayers, dict) else list(qlayers)
     prev = [m.quant_enabled for m in modules]
     for m in modules:
         m.quant_enabled = False
@@ -174,7 +176,7 @@ class BlockwiseEngine:
         try:
             with ExitStack() as stack:
                 if not self.sequential:
-                    stack.enter_context(_fp(all_q))  # FP-input mode: the stream is the FP model's
+                    stack.enter_context(full_precision(all_q))  # FP-input mode: the stream is the FP model's
                 with self._timed(PRE, bar):
                     stream, calls = self._pre_and_capture(batches, names_by_segment[PRE], on_segment, spill_dir)
                 for k in range(self.runner.num_blocks):
@@ -216,7 +218,7 @@ class BlockwiseEngine:
     def _pre_and_capture(self, batches, names, on_segment, spill_dir):
         if names:
             def run_pre(stats):
-                with _fp([self.qlayers[n] for n in names]):
+                with full_precision([self.qlayers[n] for n in names]):
                     for x, t, y in batches:
                         stats.new_batch()
                         self.runner.capture(*self._device(x, t, y))
@@ -236,7 +238,7 @@ class BlockwiseEngine:
         reuse = not self.sequential  # FP-input mode: the FP stats pass produces the next inputs
         if names:
             def run_block(stats):
-                with _fp([self.qlayers[n] for n in names]):
+                with full_precision([self.qlayers[n] for n in names]):
                     for h, call in zip(stream, calls):
                         stats.new_batch()
                         y = self.runner.run_block(k, h, call)
@@ -257,7 +259,7 @@ class BlockwiseEngine:
             return
 
         def run_tail(stats):
-            with _fp([self.qlayers[n] for n in names]):
+            with full_precision([self.qlayers[n] for n in names]):
                 for h, call in zip(stream, calls):
                     stats.new_batch()
                     self.runner.finish(h, call)

@@ -17,16 +17,24 @@ from ditq.methods.base import QuantContext, Step
 log = logging.getLogger(__name__)
 
 
-def _weight_2d(q) -> torch.Tensor:
+def gptq_layer(q, hessian: torch.Tensor, name: str, **options):
+    """GPTQ one quantized layer in place: its (FP) weight under `hessian` with its own weight
+    quantizer; the parameters are frozen and the values become the layer's weight source. Returns
+    the `GPTQResult`. `options`: block_size, percdamp, act_order, static_groups."""
+    from ditq.algorithms.gptq import gptq_quantize
+
     w = q.weight.detach()
-    return w.reshape(w.shape[0], -1)
+    # gptq_quantize leaves H intact: shared Hessians (q/k/v, memoised grids) stay valid
+    res = gptq_quantize(w.reshape(w.shape[0], -1), hessian, q.weight_quantizer, name=name, **options)
+    q.weight_quantizer.set_params(res.params, freeze=True, frozen_by="gptq")
+    q.set_weight_source(res.weight.reshape(w.shape))
+    return res
 
 
 class GPTQ(Step):
     name = "gptq"
 
     def apply(self, ctx: QuantContext) -> None:
-        from ditq.algorithms.gptq import gptq_quantize
         from ditq.calibration.engine import BlockwiseEngine
 
         o = self.options
@@ -47,12 +55,8 @@ class GPTQ(Step):
                 q = targets.get(n)
                 if q is None:
                     continue
-                # gptq_quantize leaves H intact: shared Hessians (q/k/v, memoised grids) stay valid
-                res = gptq_quantize(_weight_2d(q), stats.hessian(n), q.weight_quantizer, block_size=o.block_size,
-                                    percdamp=o.percdamp, act_order=o.act_order, static_groups=o.static_groups,
-                                    name=n)
-                q.weight_quantizer.set_params(res.params, freeze=True, frozen_by="gptq")
-                q.set_weight_source(res.weight.reshape(q.weight.shape))
+                res = gptq_layer(q, stats.hessian(n), n, block_size=o.block_size, percdamp=o.percdamp,
+                                 act_order=o.act_order, static_groups=o.static_groups)
                 per_layer[n] = {"segment": str(segment), "rows": stats.rows_seen(n), "loss": res.loss,
                                 "dead_columns": res.dead_columns, "damping": res.damping,
                                 "hessian_shared_with": stats.owner(n) if stats.owner(n) != n else None}

@@ -2,9 +2,9 @@
 (`ditq.methods.plan`), and rebuild them when a search changes the plan."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch.nn as nn
+
+from ditq.calibration.engine import full_precision  # noqa: F401  (re-exported: methods and the pipeline use it)
 
 from ditq.methods.plan import PlanError, QuantPlan, copy_config, group_problems, layer_formats  # noqa: F401
 
@@ -76,14 +76,3 @@ def bits_per_weight(qlayers: dict[str, nn.Module]) -> float:
     return sum(b * n for b, n in pairs) / total if total else 32.0
 
 
-@contextmanager
-def full_precision(qlayers: dict[str, nn.Module]):
-    """Run the wrapped model as the FP model inside the block (quantizers bypassed)."""
-    previous = {n: q.quant_enabled for n, q in qlayers.items()}
-    for q in qlayers.values():
-        q.quant_enabled = False
-    try:
-        yield
-    finally:
-        for n, q in qlayers.items():
-            q.quant_enabled = previous[n]
