@@ -212,7 +212,9 @@ def test_conditioning_grid_is_computed_once_for_identical_embedder_copies(embedd
 # -- the GPTQ step end to end --------------------------------------------------------------------------
 def test_gptq_beats_rtn_on_psnr_and_freezes_its_parameters(compose, paths, tmp_path):
     rtn = run_pipeline(compose, paths + ["bits=w4a8", "method=rtn"], tmp_path / "rtn")
-    gptq = run_pipeline(compose, paths + ["bits=w4a8", "method=gptq"], tmp_path / "gptq")
+    # rtn's layers and activations (experiments/digits/gptq_table does the same): only the weights differ
+    gptq = run_pipeline(compose, paths + ["bits=w4a8", "method=gptq", "method.layers=[qkv,proj,fc1,fc2,adaln]",
+                                          "method.act.range=minmax"], tmp_path / "gptq")
     assert gptq["metrics"]["psnr"] > rtn["metrics"]["psnr"]
     g = gptq["diagnostics"]["gptq"]
     assert g["layers"] == 42 and g["dead_columns"] == 0

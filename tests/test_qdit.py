@@ -152,27 +152,31 @@ def test_cost_by_hand():
     tokens = {"a": 16, "b": 1, "c": 16}
     rows = {r.name: r for r in layer_costs(_tiny_plan(), tokens)}
     a, b, c = rows["a"], rows["b"], rows["c"]
-    assert a.macs == 16 * 10 * 48 == 7680 and a.bitops == 7680 * 4 * 8
+    # 2 segments (32 + 16) per output: 16 tokens x 10 rows x 2 FP16 rescale multiply-adds
+    assert a.macs == 16 * 10 * 48 == 7680 and a.rescale_bitops == 16 * 10 * 2 * 16 * 16 == 81920
+    assert a.bitops == 7680 * 4 * 8 + 81920
     # 480 elements x 4 bits + 10 rows x 2 groups x (16-bit scale + 4-bit zero point)
     assert a.storage_bits == 480 * 4 + 10 * 2 * 20 == 2320 and a.group_size == 32
-    assert b.macs == 48 and b.bitops == 48 * FP_BITS * FP_BITS and b.storage_bits == 48 * 32 and b.group_size is None
+    assert b.macs == 48 and b.bitops == 48 * FP_BITS * FP_BITS and b.rescale_bitops == 0 and b.storage_bits == 48 * 32 and b.group_size is None
     # conv: 16 output positions x 4 out x (2*2*2) in; symmetric per channel: one 16-bit scale per row
-    assert c.macs == 512 and c.bitops == 512 * 8 * FP_BITS and c.storage_bits == 32 * 8 + 4 * 16
+    assert c.macs == 512 and c.bitops == 512 * 8 * FP_BITS and c.rescale_bitops == 0 and c.storage_bits == 32 * 8 + 4 * 16
     assert c.group_size == 8  # no groups: the row's full width
     total = plan_cost(_tiny_plan(), tokens)
-    assert total["bitops"] == 245760 + 49152 + 131072 and total["macs"] == 7680 + 48 + 512
+    assert total["bitops"] == 245760 + 81920 + 49152 + 131072 and total["macs"] == 7680 + 48 + 512
     assert total["storage_bits"] == 2320 + 1536 + 320 and total["storage_mb"] == pytest.approx(4176 / 8e6)
     assert total["mean_group_size"] == 20.0 and total["quantized_layers"] == 2
     # one token count for every layer
     assert plan_cost(_tiny_plan(), 2)["macs"] == 2 * (480 + 48 + 32)
 
 
-def test_smaller_groups_cost_more_storage_same_bitops():
+def test_smaller_groups_cost_more_storage_and_bitops():
     plan = _tiny_plan()
     finer = plan.with_group_sizes({"a": 16})
     base, fine = plan_cost(plan, 16), plan_cost(finer, 16)
     assert fine["storage_bits"] == base["storage_bits"] + 10 * (3 - 2) * 20
-    assert fine["bitops"] == base["bitops"] and fine["mean_group_size"] < base["mean_group_size"]
+    # one more rescale segment per (token, output row): the BitOps constraint sees group sizes
+    assert fine["bitops"] == base["bitops"] + 16 * 10 * (3 - 2) * 16 * 16
+    assert fine["mean_group_size"] < base["mean_group_size"]
     assert weight_group_size(finer.layers["a"]) == 16
 
 
@@ -208,7 +212,9 @@ def test_row_cost_of_the_embedded_model(qdit_cfg, adapter):
     # every quantized linear of a block: 16 tokens x out x in x 4 x 8; hidden 128, mlp 512, 6 blocks
     block_macs = 16 * (3 * 128 * 128 + 128 * 128 + 512 * 128 + 128 * 512)
     quantized = sum(r.bitops for r in layer_costs(plan, layer_tokens(adapter)) if r.weight_bits == 4)
-    assert quantized == 6 * block_macs * 4 * 8
+    # group 128: one rescale segment per output for the 128-wide inputs, 4 for fc2 (512 wide)
+    block_rescale = 16 * (3 * 128 + 128 + 512 + 128 * 4) * 16 * 16
+    assert quantized == 6 * (block_macs * 4 * 8 + block_rescale)
     assert cost["mean_group_size"] == 128 and cost["tokens"] == 16
 
 
@@ -226,3 +232,26 @@ def test_shared_copies_count_once(adapter):
     assert plan_cost(fp, 1, copies)["storage_bits"] == 32 * (weights - label_table)
     with pytest.raises(PlanError, match="copies names layers the plan does not have"):
         layer_costs(fp, 1, ["nope"])
+
+
+def test_gptq_quantizes_each_layer_with_its_own_group_size(compose, paths, qdit_cfg, adapter, tmp_path, monkeypatch):
+    """The public code passes the first block's group size to every block's GPTQ; here each layer's
+    frozen GPTQ grid has the groups of its own plan entry."""
+    from ditq.methods import gptq as gptq_mod
+
+    seen = {}
+    real = gptq_mod.gptq_layer
+
+    def spy(q, hessian, name, **options):
+        res = real(q, hessian, name, **options)
+        seen[name] = tuple(q.weight_quantizer.scale.shape)
+        return res
+
+    monkeypatch.setattr(gptq_mod, "gptq_layer", spy)
+    q1 = "transformer_blocks.1.attn1.to_q"
+    plan = QuantPlan.from_run(qdit_cfg("method=qdit"), adapter).with_group_sizes({Q: 32, q1: 64, FC2: 16})
+    src = plan.save(tmp_path / "groups.yaml")
+    run_pipeline(compose, paths + ["method=qdit", "bits=w4a8", f"method.plan={src}", "diagnostics.enabled=false"],
+                 tmp_path / "run")
+    assert seen[Q] == (128, 4) and seen[q1] == (128, 2) and seen[FC2] == (128, 32)
+    assert seen["transformer_blocks.2.attn1.to_q"] == (128, 1)  # the uniform 128 elsewhere

@@ -62,7 +62,7 @@ def sampler_spec(run) -> dict:
 
 
 def sample_images(adapter, sampler, seeds: list[int], labels: torch.Tensor, *, cache: DiskCache | None,
-                  spec: dict | None, desc: str, stats: dict | None = None) -> torch.Tensor:
+                  spec: dict | None, desc: str, stats: dict | None = None, progress: bool = True) -> torch.Tensor:
     """uint8 NCHW images of `seeds`, in shards of sampler.batch_size seeds; with a cache, each
     finished shard is stored, so an interrupted run resumes from the shards it completed.
     `stats` (if given) gets `produce_s` (time it took to PRODUCE the shards, cached ones as recorded
@@ -75,7 +75,7 @@ def sample_images(adapter, sampler, seeds: list[int], labels: torch.Tensor, *, c
 
         def build():
             with torch.no_grad():
-                x = sampler.sample(shard_seeds, shard_labels, batch_size=bs,
+                x = sampler.sample(shard_seeds, shard_labels, batch_size=bs, progress=progress,
                                    desc=f"{desc} [{b}:{b + len(shard_seeds)}/{len(seeds)}]")
                 return adapter.decode(x.to(adapter.device)).cpu()
 
@@ -110,6 +110,7 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
     from ditq.calibration.layer_inputs import LAYER_INPUTS_VERSION
     from ditq.calibration.lazy import Lazy
     from ditq.methods.base import QuantContext
+    from ditq.methods.services import RunServices
     from ditq.methods.registry import build_steps
     from ditq.methods.cost import row_cost
     from ditq.methods.plan import plan_for_run
@@ -150,6 +151,8 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
         adapter = load_adapter(run.model, device=device, dtype=run.dtype_inference)
         check_loaded_model(adapter, run)  # timesteps, channels, image side: before any sampling
         plan = None if fp_run else plan_for_run(run, adapter)  # per-layer quantizers, checked before sampling
+        for step in steps:  # step settings against this model and plan (search choices, budgets)
+            step.check_plan(run, adapter, plan)
     sampler = Sampler(adapter, run.sampler, clip_sample=run.model.clip_sample)
     seeds = list(range(run.eval.seed_start, run.eval.seed_start + run.eval.num_samples))
     labels = labels_for_seeds(seeds, adapter.num_classes, run.eval.labels)
@@ -161,6 +164,15 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
     fp_spec = {"v": SAMPLES_VERSION, "model": model_fp, "sampler": sampler_spec(run), "dtype": run.dtype_inference,
                "label_mode": run.eval.labels}
 
+    calib_cfg = OmegaConf.to_container(run.calib, resolve=True)
+    calib_file = calib_cfg.pop("file", None)  # where the records are kept is not what they are
+    calib_spec = {"v": CALIB_VERSION, "model": model_fp, "sampler": sampler_spec(run), "calib": calib_cfg,
+                  "dtype": run.dtype_inference}
+    if calib_file and not fp_run:  # a calibration file of another model / sampler / setting fails here
+        from ditq.calibration import files as calib_files
+
+        calib_files.check(calib_file, calib_spec)
+
     fp_stats: dict[str, Any] = {}
     with timings("fp_sample"):
         fp_images = sample_images(adapter, sampler, seeds, labels, cache=cache, spec=fp_spec, desc="FP samples",
@@ -171,14 +183,18 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
     if fp_run:
         images = fp_images
     else:
-        calib_spec = {"v": CALIB_VERSION, "model": model_fp, "sampler": sampler_spec(run),
-                      "calib": OmegaConf.to_container(run.calib, resolve=True), "dtype": run.dtype_inference}
-
         def trajectory_inputs():  # always the FP model's trajectories, whoever asks (a step or layer_inputs)
+            from ditq.calibration import files as calib_files
+
+            if calib_file and calib_files.check(calib_file, calib_spec):
+                return calib_files.load(calib_file, calib_spec)
             with full_precision(qlayers):
-                return cache.get_or_create(
+                records = cache.get_or_create(
                     "calib_inputs", calib_spec,
                     lambda: collect_trajectory_inputs(sampler, run.calib, adapter.num_classes, progress=progress))
+            if calib_file:
+                calib_files.save(calib_file, calib_spec, records)
+            return records
 
         layer_names: list[str] = []
 
@@ -197,12 +213,13 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
 
         with timings("quantize"):
             qlayers, roles = wrap_layers(adapter, run, plan=plan)
-            plan.save(output_dir / "plan.yaml")  # method.plan=<it> reproduces this run's quantizers
             layer_names.extend(qlayers)
+            services = RunServices(adapter=adapter, run=run, qlayers=qlayers, cache=cache, model_fp=model_fp,
+                                   device=device, progress=progress)
             ctx = QuantContext(adapter=adapter, run=run, qlayers=qlayers, roles=roles, layer_inputs=layer_inputs,
                                diagnostics=diagnostics, calib_records=trajectory_inputs,
                                timesteps=sampler.timesteps(), scratch_dir=str(Path(run.paths.cache_dir) / "block_io"),
-                               progress=progress)
+                               progress=progress, plan=plan, output_dir=str(output_dir), services=services)
             # the effective quantizers per role (method settings + what the format dictates)
             per_role = diagnostics["quantizers"] = {}
             for n, q in qlayers.items():
@@ -216,6 +233,8 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
             for step in steps:
                 with timings(f"step_{step.name}"):
                     step.apply(ctx)
+        plan = ctx.plan  # a search step may have replaced it
+        plan.save(output_dir / "plan.yaml")  # method.plan=<it> reproduces this run's quantizers
         layer_inputs.release()  # free the layer inputs (GBs for DiT-XL/2) before sampling
         if run.diagnostics.enabled:  # per-layer / denoiser errors on held-out records: CSV + plots in the run dir
             from ditq.diagnostics import run_diagnostics

@@ -47,6 +47,16 @@ class Lazy(Generic[T]):
     def __call__(self) -> T:  # usable wherever a zero-argument provider is expected (QuantContext.layer_inputs)
         return self.get()
 
+    def replace(self, value: T) -> None:
+        """Hold `value` from now on instead of the current one, e.g. the layer inputs after a step
+        changed the model exactly (SmoothQuant divides some inputs by per-channel scales). The old
+        value is neither rebuilt nor modified (it may be memory-mapped cache files). Refused after
+        `release()`."""
+        if self._released:
+            raise RuntimeError(f"{self.name} were released; replace() them inside a step (Step.apply), not afterwards")
+        self._value = value
+        self._loaded = True
+
     def release(self) -> None:
         """Drop the value (callers holding their own reference keep it alive; steps should not)."""
         self._value = None

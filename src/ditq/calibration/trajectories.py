@@ -4,9 +4,13 @@ Which steps are kept (`calib.timesteps`):
   uniform            `num_timesteps` steps evenly spaced over the sampler's schedule, for every seed;
   all                every step, for every seed;
   random_per_sample  one step per seed, drawn from the seed's own stream (Q-DiT: each image of a
-                     batch contributes its latent at a different random timestep).
+                     batch contributes its latent at a different random timestep);
+  ndtc               one step per seed from a discretised normal over the steps (PTQ4DM's normally
+                     distributed timestep calibration), drawn from the seed's own stream: see `ndtc_step`.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -14,6 +18,33 @@ import torch
 from ditq.sampling.seeds import labels_for_seeds
 
 _STEP_PICK_STREAM = 0xCA11B
+_NDTC_STREAM = 0x9D7C  # a stream of its own: ndtc and random_per_sample draws stay independent
+
+
+def _ndtc_index(u: float, num_steps: int) -> int:
+    """Step index (0 = noisiest) of position u on the timestep axis (0 = clean end, 1 = pure noise)."""
+    k = min(max(math.floor(u * num_steps), 0), num_steps - 1)  # bin k of [0, 1] counted from the clean end
+    return num_steps - 1 - k
+
+
+def ndtc_step(num_steps: int, seed: int, mean: float, std: float) -> int:
+    """PTQ4DM's NDTC for one seed: u ~ N(mean, std) from the seed's own generator, where u is the
+    position on the timestep axis (t / T: 0 = the clean end, 1 = pure noise); the step kept is the
+    sampler step whose bin [k/n, (k+1)/n) (k counted from the clean end, n steps) holds u, with u < 0
+    clamped to the last (cleanest) step and u >= 1 to the first (noisiest). The paper centres the
+    normal towards the low-noise end (mean <= T/2); its NDTC script uses mean 0.4, std 0.4 (ditq's
+    defaults). (The authors' script compares the draw with the loop index, which counts from the noise
+    end; ditq follows the paper's definition, t = 0 clean.)"""
+    u = float(np.random.default_rng([int(seed), _NDTC_STREAM]).normal(mean, std))
+    return _ndtc_index(u, num_steps)
+
+
+def ndtc_probabilities(num_steps: int, mean: float, std: float) -> list[float]:
+    """P(step index i is kept) under `ndtc_step`, for i = 0 (noisiest) .. num_steps - 1."""
+    cdf = lambda u: 0.5 * (1.0 + math.erf((u - mean) / (std * math.sqrt(2.0))))  # noqa: E731
+    edges = [-math.inf] + [k / num_steps for k in range(1, num_steps)] + [math.inf]  # bins from the clean end
+    by_k = [cdf(edges[k + 1]) - cdf(edges[k]) for k in range(num_steps)]
+    return by_k[::-1]
 
 
 def select_steps(num_steps: int, cfg, seeds: list[int]) -> list[set[int]]:
@@ -26,7 +57,9 @@ def select_steps(num_steps: int, cfg, seeds: list[int]) -> list[set[int]]:
         return [steps for _ in seeds]
     if cfg.timesteps == "random_per_sample":
         return [{int(np.random.default_rng([int(s), _STEP_PICK_STREAM]).integers(num_steps))} for s in seeds]
-    raise ValueError(f"calib.timesteps={cfg.timesteps!r}; choose one of: uniform, all, random_per_sample")
+    if cfg.timesteps == "ndtc":
+        return [{ndtc_step(num_steps, s, cfg.ndtc_mean, cfg.ndtc_std)} for s in seeds]
+    raise ValueError(f"calib.timesteps={cfg.timesteps!r}; choose one of: uniform, all, random_per_sample, ndtc")
 
 
 def collect_trajectory_inputs(sampler, cfg, num_classes: int, progress: bool = True) -> dict[str, torch.Tensor]:

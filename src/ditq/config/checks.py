@@ -156,6 +156,10 @@ def _check_calib(c: DictConfig) -> None:
     _at_least("calib.seed_start", c.seed_start, 0)
     _at_least("calib.max_tokens_per_layer", c.max_tokens_per_layer, 1)
     _at_least("calib.batch_size", c.batch_size, 1)
+    if c.timesteps == "ndtc":  # positions on the timestep axis: 0 = clean end, 1 = pure noise
+        _in_range("calib.ndtc_mean", c.ndtc_mean, -10.0, 10.0, "PTQ4DM's NDTC uses 0.4 (towards the clean end)")
+        if c.ndtc_std is None or not math.isfinite(c.ndtc_std) or c.ndtc_std <= 0:
+            _fail(f"calib.ndtc_std={c.ndtc_std!r} must be a finite number > 0 (PTQ4DM's NDTC uses 0.4)")
 
 
 def _check_eval(e: DictConfig) -> None:

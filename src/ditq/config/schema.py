@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 LAYER_ROLES = ("qkv", "proj", "fc1", "fc2", "adaln", "embed", "final", "cross_attn", "conv")
 SAMPLER_KINDS = ("ddim", "dpm_solver", "ddpm")
 LABEL_MODES = ("balanced", "random")
-CALIB_TIMESTEP_MODES = ("uniform", "all", "random_per_sample")
+CALIB_TIMESTEP_MODES = ("uniform", "all", "random_per_sample", "ndtc")
 WEIGHT_SOURCES = ("local", "hub", "random")
 
 
@@ -73,8 +73,14 @@ class MethodConfig:
     # fields of ditq.quant.spec.QuantizerConfig.
     weight: Dict[str, Any] = field(default_factory=dict)
     act: Dict[str, Any] = field(default_factory=dict)
+    # one uniform group size that grouped methods tie weight.group_size and act.group_size to
+    # (`group_size: ${method.group_size}` in their YAML, e.g. qdit): method.group_size=64 changes both
+    group_size: Optional[int] = None
     layers: List[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2", "adaln"])
     needs_calibration: bool = False
+    # the calib.timesteps mode the method is defined with (PTQ4DM: ndtc); conf/calib/trajectories.yaml
+    # follows it unless calib.timesteps is set explicitly
+    calib_timesteps: str = "uniform"
     plan: Optional[str] = None  # per-layer plan YAML (ditq.methods.plan); overrides weight/act/layers and bits per layer
 
 
@@ -107,11 +113,18 @@ class CalibConfig:
     num_samples: int = 64
     seed_start: int = 1_000_000  # disjoint from evaluation seeds
     labels: str = "balanced"
-    timesteps: str = "uniform"  # uniform: `num_timesteps` evenly spaced steps | all | random_per_sample (Q-DiT)
+    timesteps: str = "uniform"  # uniform: `num_timesteps` evenly spaced steps | all | random_per_sample (Q-DiT) | ndtc (PTQ4DM)
     num_timesteps: int = 10
+    # ndtc: each seed keeps one step at position u ~ N(ndtc_mean, ndtc_std) of the timestep axis
+    # (0 = the clean end, 1 = pure noise); defaults: PTQ4DM's NDTC script (mean 0.4, std 0.4)
+    ndtc_mean: float = 0.4
+    ndtc_std: float = 0.4
     include_uncond: bool = True  # record the unconditional (cfg) branch too
     max_tokens_per_layer: int = 4096  # random token subsample kept per layer
     batch_size: int = 256
+    # a calibration file to use (made by this model, sampler and settings, else an error) or to write
+    # when missing (ditq.calibration.files); null: the content-keyed cache only
+    file: Optional[str] = None
 
 
 @dataclass
@@ -158,6 +171,42 @@ class TableConfig:
 
 
 @dataclass
+class SearchConfig:
+    """Per-layer group-size allocation (Q-DiT): the search space, the cost constraint and the
+    objective, shared by the `group_search` step (evolutionary, Alg. 1) and the sensitivity-based
+    `group_allocation` step (ILP / Hessian, Q-DiT Table 5). conf/search/*.yaml."""
+    name: str = "qdit"
+    choices: List[int] = field(default_factory=lambda: [32, 64, 128, 192, 288])  # group sizes per layer
+    target_group_size: int = 128  # the uniform plan the constraint is measured against
+    # bitops: BitOps (incl. per-group rescale work) <= the uniform target plan's | mean_group_size: the
+    # public code's "mean group size >= target" | storage: weight bits incl. scales <= the target plan's | none
+    constraint: str = "bitops"
+    max_bitops: Optional[float] = None  # an explicit budget instead of the target plan's
+    # evolution (Alg. 1)
+    population: int = 50
+    top_k: int = 10
+    mutations: int = 25
+    mutation_prob: float = 0.1
+    crossovers: int = 25
+    generations: int = 10
+    seed: int = 0
+    include_target: bool = True  # the uniform target plan is one of the initial candidates
+    # objective: FID of `num_samples` images of the search seeds against the FP model's images of the
+    # same seeds (fid_to_fp, paired) or against the dataset's reference (fid, the paper's)
+    objective: str = "fid_to_fp"
+    num_samples: int = 128
+    seed_start: int = 4_000_000  # search seeds: disjoint from calibration, evaluation and held-out seeds
+    holdout_samples: int = 256  # the chosen plan and the target plan re-scored on held-out seeds
+    holdout_seed_start: int = 5_000_000
+    cfg_scale: Optional[float] = None  # null: the run's sampler's (the public code searches at cfg 0)
+    num_steps: Optional[int] = None  # null: the run's sampler's
+    weights: str = "rtn"  # candidates' weights: rtn (round-to-nearest per group, fast) | method (the method's own steps, e.g. GPTQ, per candidate)
+    # the search's checkpoint (resumed when it exists; refused when made under another config);
+    # null: <paths.cache_dir>/search/<key of everything the result depends on>.json
+    state_file: Optional[str] = None
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -167,6 +216,7 @@ class RunConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     table: TableConfig = field(default_factory=TableConfig)
@@ -207,6 +257,62 @@ def _check_diagnostics(run: DictConfig) -> None:
                 f"diagnostics seeds [{diag.start}, {diag.stop}) overlap {group} seeds [{other.start}, {other.stop}): "
                 f"diagnostics must run on held-out trajectories; move diagnostics.seed_start or {group}.seed_start"
             )
+
+
+SEARCH_CONSTRAINTS = ("bitops", "storage", "mean_group_size", "none")
+SEARCH_OBJECTIVES = ("fid_to_fp", "fid")
+SEARCH_WEIGHTS = ("rtn", "method")
+
+
+def _check_search(run: DictConfig) -> None:
+    """The search group, when a step uses it: choices, budget, objective, seeds disjoint from the rest."""
+    steps = [spec.get("name") for spec in run.method.steps]
+    if not {"group_search", "group_allocation"} & set(steps):
+        return
+    s = run.search
+    if not s.choices or any(int(c) <= 0 for c in s.choices) or len(set(s.choices)) != len(s.choices):
+        raise ConfigError(f"search.choices={list(s.choices)} must be distinct positive group sizes, "
+                          "e.g. [32, 64, 128, 192, 288] (Q-DiT) or search=embedded for the embedded models")
+    _check_positive("search.target_group_size", s.target_group_size)
+    _check_choice("search.constraint", s.constraint, SEARCH_CONSTRAINTS)
+    if s.max_bitops is not None:
+        _check_positive("search.max_bitops", s.max_bitops)
+    if "group_search" not in steps:
+        return
+    if steps.index("group_search") != 0:
+        raise ConfigError(f"method.steps: group_search must come first (it rebuilds every quantizer); got {steps}")
+    for key in ("population", "generations", "top_k", "num_samples", "holdout_samples"):
+        if s[key] is None or s[key] <= 0:
+            raise ConfigError(f"search.{key}={s[key]!r}: a search budget of zero cannot choose anything; "
+                              f"set search.{key} to a positive number (conf/search/qdit.yaml has the paper's)")
+    for key in ("mutations", "crossovers"):
+        if s[key] < 0:
+            raise ConfigError(f"search.{key}={s[key]} must be >= 0")
+    if s.generations > 1 and s.mutations + s.crossovers == 0:
+        raise ConfigError("search.mutations + search.crossovers = 0: later generations would be empty; "
+                          "set them (Q-DiT: 25 and 25) or search.generations=1")
+    if s.top_k > s.population:
+        raise ConfigError(f"search.top_k={s.top_k} > search.population={s.population}")
+    if not 0 <= s.mutation_prob <= 1:
+        raise ConfigError(f"search.mutation_prob={s.mutation_prob} must be in [0, 1]")
+    _check_choice("search.objective", s.objective, SEARCH_OBJECTIVES)
+    _check_choice("search.weights", s.weights, SEARCH_WEIGHTS)
+    if s.objective == "fid" and "fid" not in run.eval.metrics:
+        raise ConfigError("search.objective=fid needs a reference FID (eval.metrics has no 'fid'); "
+                          "use search.objective=fid_to_fp")
+    if s.num_steps is not None:
+        _check_positive("search.num_steps", s.num_steps)
+    ranges = {"search": (s.seed_start, s.num_samples), "search held-out": (s.holdout_seed_start, s.holdout_samples),
+              "calib": (run.calib.seed_start, run.calib.num_samples), "eval": (run.eval.seed_start, run.eval.num_samples)}
+    if run.diagnostics.enabled:
+        ranges["diagnostics"] = (run.diagnostics.seed_start, run.diagnostics.num_samples)
+    items = list(ranges.items())
+    for i, (a, (sa, na)) in enumerate(items):
+        for b, (sb, nb) in items[i + 1:]:
+            if sa < sb + nb and sb < sa + na and ("search" in a or "search" in b):
+                raise ConfigError(f"{a} seeds [{sa}, {sa + na}) overlap {b} seeds [{sb}, {sb + nb}): the search must "
+                                  "choose on its own seeds and be re-scored on held-out ones; move "
+                                  "search.seed_start / search.holdout_seed_start")
 
 
 def to_run_config(cfg: DictConfig | dict) -> DictConfig:
@@ -317,6 +423,7 @@ def validate_config(cfg: DictConfig | dict) -> DictConfig:
         raise ConfigError("model.weights=hub needs model.hub_id")
     _check_choice("eval.labels", run.eval.labels, LABEL_MODES)
     _check_choice("calib.labels", run.calib.labels, LABEL_MODES)
+    _check_choice("method.calib_timesteps", run.method.calib_timesteps, CALIB_TIMESTEP_MODES)
     _check_choice("calib.timesteps", run.calib.timesteps, CALIB_TIMESTEP_MODES)
     _check_positive("eval.num_samples", run.eval.num_samples)
     _check_positive("eval.batch_size", run.eval.batch_size)
@@ -334,6 +441,7 @@ def validate_config(cfg: DictConfig | dict) -> DictConfig:
             "move calib.seed_start or eval.seed_start"
         )
     _check_diagnostics(run)
+    _check_search(run)
     _check_choice("logger.mode", run.logger.mode, ("offline", "online", "disabled"))
     _check_choice("device", run.device, ("auto", "cpu", "cuda"))
     _check_choice("dtype_inference", run.dtype_inference, ("float32", "float16", "bfloat16"))

@@ -22,6 +22,9 @@ class QuantContext:
     timesteps: list[int] = field(default_factory=list)  # the sampler's timesteps (condition grids)
     scratch_dir: str | None = None  # where steps may spill large temporary data (block I/O)
     progress: bool = True
+    plan: Any = None  # the QuantPlan the layers were built from; a step that changes it (a search) replaces it
+    output_dir: str | None = None  # the run's directory (steps write their artifacts there)
+    services: Any = None  # ditq.methods.services.RunServices: generate, FP images, score
 
 
 class Step:
@@ -31,6 +34,10 @@ class Step:
 
     def __init__(self, options):
         self.options = options
+
+    def check_plan(self, run, adapter, plan) -> None:
+        """Raise on settings that cannot work with this model and plan; called right after the plan
+        is built, before any sampling (no data, no quantizers)."""
 
     def needs_layer_inputs(self, ctx: QuantContext) -> bool:
         return False

@@ -5,7 +5,14 @@ Per layer of a `QuantPlan` (`ditq.methods.plan`), for ONE sample and ONE denoise
 
     macs         = tokens x out x in       (a Conv2d: output positions x out x in*kh*kw;
                                             for a patch embedding the output positions are the tokens)
-    bitops       = macs x weight bits x activation bits   (a full-precision side counts FP_BITS)
+    segments     = input groups that share one (weight scale, activation scale) pair along a dot
+                   product: ceil(in / min(weight group, activation group)); an ungrouped side's group
+                   is the full width (per-channel weights with per-token activations: 1 segment)
+    rescale_ops  = tokens x out x segments when both sides are quantized (each segment's integer
+                   partial sum is scaled by s_w * s_a, zero-point terms folded, and accumulated: one
+                   RESCALE_BITS x RESCALE_BITS multiply-add), else 0
+    bitops       = macs x weight bits x activation bits + rescale_ops x RESCALE_BITS^2
+                   (a full-precision side counts FP_BITS); smaller groups cost BitOps as well as storage
     storage_bits = out x in * Quantizer.bits_per_weight   (element bits plus the scale / zero point
                    of every (row, group), as the pipeline's size_mb counts it; FP weights FP_BITS each)
 
@@ -35,6 +42,7 @@ from typing import Any, Iterable, Mapping
 from ditq.methods.plan import LayerPlan, PlanError, QuantPlan, weight_width
 
 FP_BITS = 32  # bits of a full-precision weight / activation (the pipeline's size_mb counts 32 too)
+RESCALE_BITS = 16  # a group partial sum is rescaled in FP16 (scales are stored in 16 bits too)
 
 
 @dataclass(frozen=True)
@@ -46,9 +54,10 @@ class LayerCost:
     macs: int
     weight_bits: int  # element bits (FP_BITS for a full-precision side)
     act_bits: int
-    bitops: int
+    bitops: int  # macs x weight bits x act bits + rescale_bitops
     storage_bits: float  # weight elements + scales / zero points
     group_size: int | None  # the weight's group size (None: not quantized); ungrouped: its width
+    rescale_bitops: int = 0  # tokens x out x segments x RESCALE_BITS^2 (see the module docstring)
     copy: bool = False  # a duplicate of another layer's weights: no MACs, no storage, not in the mean
 
 
@@ -85,6 +94,23 @@ def weight_group_size(lp: LayerPlan) -> int | None:
     return width
 
 
+def _side_group(cfg, width: int) -> int:
+    """The group along the input a side's scales cover (its width when it has no groups)."""
+    if cfg.granularity in ("per_group", "per_token_group", "per_block") and cfg.group_size:
+        return min(int(cfg.group_size), width)
+    from ditq.quant.spec import parse_format
+
+    spec = parse_format(cfg.format)
+    return min(int(spec.block_size), width) if spec.is_block else width
+
+
+def rescale_segments(lp: LayerPlan, width: int) -> int:
+    """Input segments sharing one (weight scale, act scale) pair; 0 when a side is full precision."""
+    if lp.weight is None or lp.act is None:
+        return 0
+    return math.ceil(width / min(_side_group(lp.weight, width), _side_group(lp.act, width)))
+
+
 def _tokens_of(name: str, tokens: int | Mapping[str, int]) -> int:
     if isinstance(tokens, Mapping):
         if name not in tokens:
@@ -113,14 +139,17 @@ def layer_costs(plan: QuantPlan, tokens: int | Mapping[str, int], copies: Iterab
                             "model (QuantPlan.from_run / plan_for_run) so every layer has one")
         shape = tuple(int(d) for d in lp.shape)
         n = _tokens_of(name, tokens)
-        macs = n * shape[0] * weight_width(shape)
+        width = weight_width(shape)
+        macs = n * shape[0] * width
         wb, ab = _element_bits(lp.weight), _element_bits(lp.act)
+        rescale = n * shape[0] * rescale_segments(lp, width) * RESCALE_BITS ** 2
         rows.append(LayerCost(name=name, role=lp.role, shape=shape, tokens=n, macs=macs, weight_bits=wb,
-                              act_bits=ab, bitops=macs * wb * ab,
+                              act_bits=ab, bitops=macs * wb * ab + rescale, rescale_bitops=rescale,
                               storage_bits=math.prod(shape) * _bits_per_weight(lp.weight, shape),
                               group_size=weight_group_size(lp)))
         if name in copies:
-            rows[-1] = dataclasses.replace(rows[-1], macs=0, bitops=0, storage_bits=0.0, group_size=None, copy=True)
+            rows[-1] = dataclasses.replace(rows[-1], macs=0, bitops=0, rescale_bitops=0, storage_bits=0.0,
+                                           group_size=None, copy=True)
     return rows
 
 

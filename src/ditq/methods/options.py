@@ -1,7 +1,9 @@
 """Options of each method step (torch-free dataclasses, validated with the config)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import List
 
 
 @dataclass
@@ -33,3 +35,78 @@ class GPTQOptions:
             raise ValueError(f"batch_size={self.batch_size} must be >= 2 (a row and its unconditional twin)")
         if self.io_budget_mb < 0:
             raise ValueError(f"io_budget_mb={self.io_budget_mb} must be >= 0")
+
+
+@dataclass
+class RepQOptions:
+    """RepQ-ViT on DiT (ditq.methods.repq): post-LN per-channel -> per-tensor scale reparameterisation
+    folded into the adaLN linear and the consumers, and a log2 quantizer of the attention probabilities."""
+
+    reparam: bool = True  # post-norm1 / post-norm3 activations: per-channel grid folded into per-tensor
+    softmax: bool = True  # log-quantize the post-softmax attention probabilities (scale 1)
+    softmax_bits: int | None = None  # None: the bit width of the attention's input activation quantizer
+    softmax_grid: str = "log_sqrt2"  # log_sqrt2: 2^(-k/2), RepQ-ViT's values; log2: 2^-k
+
+    def check(self) -> None:
+        if self.softmax_grid not in ("log2", "log_sqrt2"):
+            raise ValueError(f"softmax_grid={self.softmax_grid!r}; choose log_sqrt2 (levels 2^(-k/2), RepQ-ViT) "
+                             "or log2 (levels 2^-k)")
+        if self.softmax_bits is not None and not 1 <= self.softmax_bits <= 16:
+            raise ValueError(f"softmax_bits={self.softmax_bits} must be in 1..16 (2^bits log2 levels) or null "
+                             "(the activations' bit width)")
+
+
+@dataclass
+class GroupSearchOptions:
+    """Q-DiT's evolutionary group-size search; its settings are the run's `search` group
+    (conf/search/*.yaml), shared with `group_allocation`, so experiments override them in one place."""
+
+
+SMOOTHQUANT_ROLES = ("qkv", "proj", "fc1")  # inputs whose 1/s folds exactly into the model (ditq.methods.fold)
+
+
+@dataclass
+class SmoothQuantOptions:
+    """SmoothQuant (Xiao et al., 2023): per input channel j of a smoothed layer,
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); X / s and W * s, folded exactly into the model."""
+
+    alpha: float = 0.5  # migration strength: 0 leaves the activation ranges alone, 1 moves them into the weights
+    roles: List[str] = field(default_factory=lambda: list(SMOOTHQUANT_ROLES))  # which inputs are smoothed
+
+    def check(self) -> None:
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and 0 <= self.alpha <= 1):
+            raise ValueError(f"alpha={self.alpha} must be in [0, 1] (the migration strength; SmoothQuant uses 0.5); "
+                             "set it in the smoothquant entry of method.steps, e.g. method.steps.0.alpha=0.5")
+        if not self.roles:
+            raise ValueError(f"roles is empty; list at least one of {list(SMOOTHQUANT_ROLES)}")
+        for r in self.roles:
+            if r == "fc2":
+                raise ValueError("roles: fc2 cannot be smoothed exactly (its input comes out of GELU, with no "
+                                 "linear op in front to fold 1/s into, and QuantLinear has no online input "
+                                 f"transform); use roles among {list(SMOOTHQUANT_ROLES)}")
+            if r not in SMOOTHQUANT_ROLES:
+                raise ValueError(f"roles: unknown role {r!r}; choose among {list(SMOOTHQUANT_ROLES)}")
+
+
+ALLOCATION_STRATEGIES = ("ilp", "hessian")  # ditq.methods.allocation (Q-DiT Table 5)
+KNAPSACK_SOLVERS = ("auto", "milp", "bnb")  # ditq.search.knapsack
+
+
+@dataclass
+class GroupAllocationOptions:
+    """Q-DiT Table 5's sensitivity-based alternatives to the evolutionary search: per-layer group
+    sizes from per-layer sensitivities and an exact multiple-choice knapsack under the run's `search`
+    constraint (choices, target_group_size, constraint, max_bitops)."""
+
+    strategy: str = "ilp"  # ilp: measured output MSE per layer and choice | hessian: diagonal-Hessian proxy
+    act_term: bool = True  # hessian: add the activation-perturbation term (see ditq.methods.allocation)
+    solver: str = "auto"  # auto (scipy's MILP when importable, else branch and bound) | milp | bnb
+    max_rows: int | None = None  # calibration rows per layer used for the sensitivities (null: all recorded)
+
+    def check(self) -> None:
+        if self.strategy not in ALLOCATION_STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}; choose one of {', '.join(ALLOCATION_STRATEGIES)}")
+        if self.solver not in KNAPSACK_SOLVERS:
+            raise ValueError(f"solver={self.solver!r}; choose one of {', '.join(KNAPSACK_SOLVERS)}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"max_rows={self.max_rows} must be >= 1 or null (every recorded row)")

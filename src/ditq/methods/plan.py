@@ -480,23 +480,29 @@ class QuantPlan:
         """A new plan where each layer in `sizes` uses that group size on BOTH quantized sides, as
         Q-DiT ties them: weight granularity per_group, activation per_token_group (the activation
         must be dynamic already). A full-precision side stays so; the group-size check applies."""
-        plan = self
+        layers = dict(self.layers)
+        memo: dict[tuple, LayerPlan] = {}  # layers with equal settings and shape resolve once (searches call this a lot)
         for name, g in sizes.items():
             if not isinstance(g, int) or isinstance(g, bool) or g <= 0:
                 raise PlanError(f"with_group_sizes: layer {name}: group size must be a positive int, got {g!r}")
-            lp = plan.layers.get(name)
+            lp = self.layers.get(name)
             if lp is None:
-                raise PlanError(f"plan has no layer {name!r}; layers: {_names(list(plan.layers))}")
-            try:
-                plan = plan.with_layer(
-                    name,
-                    weight=_UNSET if lp.weight is None else {"granularity": "per_group", "group_size": g},
-                    act=_UNSET if lp.act is None else {"granularity": "per_token_group", "group_size": g})
-            except PlanError:
-                raise
-            except ConfigError as err:  # e.g. a static activation: groups per token need dynamic ranges
-                raise PlanError(f"with_group_sizes: {err}") from None
-        return plan
+                raise PlanError(f"plan has no layer {name!r}; layers: {_names(list(self.layers))}")
+            key = (lp.role, repr(lp.weight), repr(lp.act), lp.shape, g)
+            if key not in memo:
+                try:
+                    memo[key] = self.with_layer(
+                        name,
+                        weight=_UNSET if lp.weight is None else {"granularity": "per_group", "group_size": g},
+                        act=_UNSET if lp.act is None else {"granularity": "per_token_group", "group_size": g},
+                    ).layers[name]
+                except PlanError:
+                    raise
+                except ConfigError as err:  # e.g. a static activation: groups per token need dynamic ranges
+                    raise PlanError(f"with_group_sizes: {err}") from None
+            new = memo[key]
+            layers[name] = LayerPlan(lp.role, lp.shape, copy_config(new.weight), copy_config(new.act))
+        return dataclasses.replace(self, layers=layers, created_by=self.created_by)
 
     # -- reading
     def quantized(self) -> dict[str, LayerPlan]:

@@ -17,6 +17,10 @@ from ditq.methods import options as opt
 STEPS: dict[str, tuple[type, str]] = {
     "rtn": (opt.RTNOptions, "ditq.methods.rtn:RTN"),
     "gptq": (opt.GPTQOptions, "ditq.methods.gptq:GPTQ"),
+    "smoothquant": (opt.SmoothQuantOptions, "ditq.methods.smoothquant:SmoothQuant"),
+    "repq": (opt.RepQOptions, "ditq.methods.repq:RepQ"),
+    "group_search": (opt.GroupSearchOptions, "ditq.methods.group_search:GroupSearch"),
+    "group_allocation": (opt.GroupAllocationOptions, "ditq.methods.allocation:GroupAllocation"),
 }
 
 

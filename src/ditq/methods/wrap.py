@@ -38,11 +38,13 @@ def wrap_layers(adapter, run, plan: QuantPlan | None = None) -> tuple[dict[str, 
     return qlayers, roles
 
 
-def apply_plan(qlayers: dict[str, nn.Module], plan: QuantPlan) -> list[str]:
+def apply_plan(qlayers: dict[str, nn.Module], plan: QuantPlan, rebuild: bool = False) -> list[str]:
     """Rebuild the quantizers of already wrapped layers whose settings differ in `plan` (no model
     reload; for searches that change per-layer settings many times). Returns the changed layer
     names; their new quantizers are unfitted, so run the method's steps (e.g. RTN) again. A layer
-    the plan quantizes must already be wrapped; a side set to null becomes full precision."""
+    the plan quantizes must already be wrapped; a side set to null becomes full precision.
+    `rebuild=True` gives EVERY layer fresh, unfitted quantizers (and drops algorithm-rounded weight
+    values), e.g. before GPTQ quantizes a whole new plan."""
     problems = [f"layer {n} is quantized by the plan but was not wrapped (wrap_layers with a plan that "
                 "quantizes it)" for n, lp in plan.quantized().items() if n not in qlayers]
     problems += [f"layer {n} is wrapped but the plan has no entry for it" for n in qlayers if n not in plan.layers]
@@ -57,7 +59,7 @@ def apply_plan(qlayers: dict[str, nn.Module], plan: QuantPlan) -> list[str]:
         same = True
         for side, attr in (("weight", "weight_quantizer"), ("act", "act_quantizer")):
             current, wanted = getattr(q, attr), getattr(lp, side)
-            if (current.cfg if current is not None else None) != wanted:
+            if rebuild or (current.cfg if current is not None else None) != wanted:
                 setattr(q, attr, _build(wanted, side))
                 if side == "weight":  # values an algorithm rounded for the old grid no longer apply
                     q.weight_source = None

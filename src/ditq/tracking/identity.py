@@ -3,7 +3,8 @@
 A run's identity (`run_key`, stored in its row) is a sha256 of
 - the resolved config WITHOUT what only says where outputs go or how they are shown: `paths.*`
   (path values elsewhere are written relative to them), `logger`, `table`, `force`, and
-  `run_name` when it is the derived one (a hand-given name makes a separate run); Hydra's
+  `run_name` when it is the derived one (a hand-given name makes a separate run), and for an FP
+  run also `method`, `calib`, `search`, `diagnostics` (it reads none of them); Hydra's
   directories and the sweep/job info are not part of a run config at all;
 - the model's fingerprint (`adapter.fingerprint()`: changed weights make a different run);
 - ditq's version and the device the run samples on.
@@ -21,6 +22,9 @@ from typing import Any, Iterable
 
 IDENTITY_VERSION = 1  # bump when what goes into the identity changes
 _NOT_IDENTITY = ("paths", "logger", "table", "force")
+# what an FP run (bits=fp, no plan) never reads: its method, calibration, search and diagnostics
+# settings, so the FP jobs of a sweep over methods are one run (the first runs, the others reuse it)
+_NOT_FP_IDENTITY = ("method", "calib", "search", "diagnostics")
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ def identity_payload(run, model_fingerprint: dict, device: str) -> dict[str, Any
     from omegaconf import OmegaConf
 
     import ditq
-    from ditq.config.schema import derive_run_name
+    from ditq.config.schema import derive_run_name, is_full_precision
 
     cfg = OmegaConf.to_container(run, resolve=True)
     paths = cfg.get("paths") or {}
@@ -57,6 +61,9 @@ def identity_payload(run, model_fingerprint: dict, device: str) -> dict[str, Any
         cfg.pop("run_name", None)
     for key in _NOT_IDENTITY:
         cfg.pop(key, None)
+    if is_full_precision(run):
+        for key in _NOT_FP_IDENTITY:
+            cfg.pop(key, None)
     payload = {"v": IDENTITY_VERSION, "config": _relative_to_paths(cfg, roots), "model": model_fingerprint,
                "ditq": ditq.__version__, "device": device}
     plan = (cfg.get("method") or {}).get("plan")

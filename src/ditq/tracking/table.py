@@ -37,9 +37,18 @@ def lookup(row: dict, key: str) -> Any:
 
 
 def row_label(row: dict, keys: list[str]) -> str:
-    if row.get("is_fp"):
-        return "FP"
-    return " ".join(str(lookup(row, k)) for k in keys)
+    """The row's values of `keys`, joined by spaces. An FP row reads "FP" in place of the keys that
+    name the quantization (method.*, bits.*); other keys (sampler, model: the setting) stay, so a
+    table over several settings has one FP label per setting ("100 1.5 FP")."""
+    if not row.get("is_fp"):
+        return " ".join(str(lookup(row, k)) for k in keys)
+    parts: list[str] = []
+    for k in keys:
+        if k.split(".")[0] not in ("method", "bits"):
+            parts.append(str(lookup(row, k)))
+        elif "FP" not in parts:
+            parts.append("FP")
+    return " ".join(parts) or "FP"
 
 
 def _fmt(v: Any) -> str:
