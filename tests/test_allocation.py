@@ -227,13 +227,15 @@ def test_static_activations_are_refused(cfg, tmp_path):
         _step().needs_layer_inputs(ctx)
 
 
-def test_with_sizes_equals_with_group_sizes(model):
-    from ditq.methods.allocation import with_sizes
-
+def test_memoised_with_group_sizes_equals_layer_by_layer(model):
+    """with_group_sizes resolves each distinct layer setting once: the same plan as one layer at a time."""
     plan = model[1]
     sizes = {n: (8, 16, 64)[i % 3] for i, n in enumerate(plan.quantized())}
-    fast = with_sizes(plan, sizes, "x")
-    assert fast == plan.with_group_sizes(sizes) and fast.created_by == "x"
+    fast = plan.with_group_sizes(sizes)
+    slow = plan
+    for n, g in sizes.items():
+        slow = slow.with_group_sizes({n: g})
+    assert fast == slow and fast.created_by == plan.created_by
     a, b = fast.layers["transformer_blocks.0.attn1.to_q"], fast.layers["transformer_blocks.1.attn1.to_q"]
     assert a.weight == b.weight and a.weight is not b.weight  # equal, never shared
 

@@ -57,8 +57,16 @@ def build_reference(dataset_cfg):
     return Reference.from_adm_npz(path)
 
 
-def sampler_spec(run) -> dict:
-    return {**OmegaConf.to_container(run.sampler, resolve=True), "clip_sample": run.model.clip_sample}
+def sampler_spec(run, sampler_cfg=None) -> dict:
+    """The sampler part of cache keys: the run's sampler (or `sampler_cfg`) plus the model's clipping."""
+    cfg = run.sampler if sampler_cfg is None else sampler_cfg
+    return {**OmegaConf.to_container(cfg, resolve=True), "clip_sample": run.model.clip_sample}
+
+
+def fp_samples_spec(run, model_fp: dict, sampler_cfg=None) -> dict:
+    """Cache key of the FP model's samples (shards add their seeds and labels)."""
+    return {"v": SAMPLES_VERSION, "model": model_fp, "sampler": sampler_spec(run, sampler_cfg),
+            "dtype": run.dtype_inference, "label_mode": run.eval.labels}
 
 
 def sample_images(adapter, sampler, seeds: list[int], labels: torch.Tensor, *, cache: DiskCache | None,
@@ -161,8 +169,7 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
     if previous is not None and not run.force:
         log.info("identical run already finished: %s; force=true to redo", previous.path)
         return previous.row
-    fp_spec = {"v": SAMPLES_VERSION, "model": model_fp, "sampler": sampler_spec(run), "dtype": run.dtype_inference,
-               "label_mode": run.eval.labels}
+    fp_spec = fp_samples_spec(run, model_fp)
 
     calib_cfg = OmegaConf.to_container(run.calib, resolve=True)
     calib_file = calib_cfg.pop("file", None)  # where the records are kept is not what they are

@@ -45,6 +45,7 @@ errors naming the layer and the search key, raised before calibration.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -94,15 +95,7 @@ class AllocationProblem:
         return sum(row_metric(r, self.constraint) for r in layer_costs(plan, self.tokens, self.copies))
 
     def plan(self, sizes: dict[str, int], created_by: str) -> QuantPlan:
-        return with_sizes(self.base, sizes, created_by)
-
-
-def with_sizes(base: QuantPlan, sizes: dict[str, int], created_by: str | None = None) -> QuantPlan:
-    """`base.with_group_sizes(sizes)` (which resolves each distinct layer setting once), renamed."""
-    import dataclasses
-
-    plan = base.with_group_sizes(sizes)
-    return dataclasses.replace(plan, created_by=created_by or base.created_by)
+        return dataclasses.replace(self.base.with_group_sizes(sizes), created_by=created_by)
 
 
 def row_metric(row, constraint: str) -> float:
@@ -153,8 +146,8 @@ def allocation_problem(base: QuantPlan, adapter, search) -> AllocationProblem:
                               f"{len(narrow) - 1} other layer(s); the uniform target plan does not exist: use a target "
                               "<= the narrowest allocated layer's width (search=embedded for the embedded models)")
     try:
-        plans = {g: with_sizes(base, {n: g for n in names}) for g in choices}
-        target = with_sizes(base, {n: target_g for n in names}) if not narrow else base
+        plans = {g: base.with_group_sizes({n: g for n in names}) for g in choices}
+        target = base.with_group_sizes({n: target_g for n in names}) if not narrow else base
     except PlanError as err:  # e.g. static activations: groups per token need dynamic ranges
         raise AllocationError(f"group_allocation ties each layer's weight and activation group sizes (Q-DiT): {err}; "
                               "use a method with dynamic per-token-group activations (method=qdit_ilp / qdit_hessian)"

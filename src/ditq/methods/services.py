@@ -59,13 +59,10 @@ class RunServices:
         """(images, spec) of the FP model for `seeds`: sampled with every quantized layer in full
         precision and cached under the same key as the pipeline's FP samples."""
         from ditq.methods.wrap import full_precision
-        from ditq.pipeline import SAMPLES_VERSION, sample_images
+        from ditq.pipeline import fp_samples_spec, sample_images
 
         sampler = sampler or self.sampler()
-        # the pipeline's FP spec (pipeline.sampler_spec): the run's sampler shares its cache entries
-        spec = {"v": SAMPLES_VERSION, "model": self.model_fp,
-                "sampler": {**OmegaConf.to_container(sampler.cfg, resolve=True), "clip_sample": self.run.model.clip_sample},
-                "dtype": self.run.dtype_inference, "label_mode": self.run.eval.labels}
+        spec = fp_samples_spec(self.run, self.model_fp, sampler.cfg)  # the run's sampler: the pipeline's entries
         with full_precision(self.qlayers):
             images = sample_images(self.adapter, sampler, seeds, self.labels(seeds), cache=self.cache, spec=spec,
                                    desc="FP samples (search seeds)", progress=self.progress)
