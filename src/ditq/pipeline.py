@@ -28,6 +28,26 @@ SAMPLES_VERSION = 1
 CALIB_VERSION = 2  # 2: trajectories always from the FP model (a step asking first got the quantized one)
 
 
+
+def quantizers_by_role(qlayers: dict, roles: dict[str, str]) -> dict[str, dict[str, str | None]]:
+    """The effective quantizers per role and side (method settings + what the format dictates + what
+    the steps chose per layer): one description, or the distinct ones with their layer counts."""
+    from collections import Counter
+
+    seen: dict[str, dict[str, Counter]] = {}
+    for n, q in qlayers.items():
+        for side, qz in (("weight", q.weight_quantizer), ("act", q.act_quantizer)):
+            seen.setdefault(roles[n], {}).setdefault(side, Counter())[None if qz is None else qz.describe()] += 1
+    out: dict[str, dict[str, str | None]] = {}
+    for role, sides in seen.items():
+        out[role] = {}
+        for side, c in sides.items():
+            if len(c) == 1:
+                out[role][side] = next(iter(c))
+            else:
+                out[role][side] = " | ".join(f"{d} ({k})" for d, k in sorted(c.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+    return out
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -204,10 +224,13 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
             return records
 
         layer_names: list[str] = []
+        transforms: list[dict] = []  # what the model-transforming steps (rotations) did before the inputs are recorded
 
         def record_layer_inputs():  # always the FP model's inputs, whether or not a step declared the need
             spec = {**calib_spec, "layers": layer_names, "max_tokens": run.calib.max_tokens_per_layer,
                     "uncond": run.calib.include_uncond and run.sampler.cfg_scale > 1, "li_v": LAYER_INPUTS_VERSION}
+            if transforms:
+                spec["transforms"] = transforms
             with full_precision(qlayers):
                 return cache.get_or_create(
                     "layer_inputs", spec,
@@ -227,20 +250,21 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
                                diagnostics=diagnostics, calib_records=trajectory_inputs,
                                timesteps=sampler.timesteps(), scratch_dir=str(Path(run.paths.cache_dir) / "block_io"),
                                progress=progress, plan=plan, output_dir=str(output_dir), services=services)
-            # the effective quantizers per role (method settings + what the format dictates)
-            per_role = diagnostics["quantizers"] = {}
-            for n, q in qlayers.items():
-                per_role.setdefault(roles[n], {side: (None if qz is None else qz.describe())
-                                               for side, qz in (("weight", q.weight_quantizer),
-                                                                ("act", q.act_quantizer))})
-        if any(s.needs_layer_inputs(ctx) for s in steps):
-            with timings("calibrate"):  # FP inputs (the provider records under full_precision), before any step
+        n_transforms = sum(1 for s in steps if s.transforms_model)  # they lead the steps (checked with the config)
+        with timings("quantize"):  # rotations first: the layer inputs below are those of the transformed model
+            for step in steps[:n_transforms]:
+                with timings(f"step_{step.name}"):
+                    step.apply(ctx)
+                transforms.append(step.transform_spec())
+        if any(s.needs_layer_inputs(ctx) for s in steps[n_transforms:]):
+            with timings("calibrate"):  # FP inputs (the provider records under full_precision), before any other step
                 layer_inputs()
         with timings("quantize"):
-            for step in steps:
+            for step in steps[n_transforms:]:
                 with timings(f"step_{step.name}"):
                     step.apply(ctx)
         plan = ctx.plan  # a search step may have replaced it
+        diagnostics["quantizers"] = quantizers_by_role(qlayers, roles)  # as the steps left them
         plan.save(output_dir / "plan.yaml")  # method.plan=<it> reproduces this run's quantizers
         layer_inputs.release()  # free the layer inputs (GBs for DiT-XL/2) before sampling
         if run.diagnostics.enabled:  # per-layer / denoiser errors on held-out records: CSV + plots in the run dir

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ditq.calibration.blocks import PRE, TAIL, BlockCall, BlockRunner, calibration_batches
 from ditq.calibration.stats import HessianAccumulator, LayerStats
+from ditq.quant.modules import layer_input
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,8 @@ class BlockwiseEngine:
         todo = list(names)
         memo_key: dict[str, tuple] = {}
         for i, (t, y) in enumerate(self._grid()):
-            inputs = self.adapter.conditioning_inputs(segment, t, y)
+            raw = self.adapter.conditioning_inputs(segment, t, y)
+            inputs = {n: layer_input(self.qlayers[n], raw[n]) for n in names}  # after a rotation, if any
             if i == 0:
                 for n in names:
                     memo_key[n] = (tuple(inputs[n].shape), _digest(inputs[n]))

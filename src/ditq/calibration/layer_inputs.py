@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ditq.quant.modules import layer_input
+
 
 # Bump when the payload's layout changes (part of the layer-inputs cache spec).
 # 2: {"rows", "min", "max"} per layer (1: a [T + 2, C] tensor with the min/max rows appended).
@@ -57,7 +59,7 @@ def collect_layer_inputs(adapter, calib: dict[str, torch.Tensor], layer_names: l
 
     def hook_for(name: str):
         def hook(module, args):
-            rows = _rows(module, args[0]).float()
+            rows = _rows(module, layer_input(module, args[0])).float()  # after an input transform (rotation)
             if not torch.isfinite(rows).all():
                 raise FloatingPointError(
                     f"the input of layer {name} holds NaN/Inf on calibration data: the FP model itself "

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ditq.quant.modules import layer_input
+
 
 def is_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) or type(module).__name__ == "QuantConv2d"
@@ -119,15 +121,17 @@ class LayerStats:
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0]
-            # the same tensor object (kept alive here until new_batch, so its id is not reused)
-            seen = self._seen.get((id(x), is_conv(module)))
+            # the same tensor object (kept alive here until new_batch, so its id is not reused) through
+            # the same input transform (a rotation shared by q/k/v)
+            key = (id(x), is_conv(module), id(getattr(module, "input_transform", None)))
+            seen = self._seen.get(key)
             if seen is not None and seen[0] is x and seen[1] != name:
                 self.alias.setdefault(name, seen[1])
                 return
-            self._seen[(id(x), is_conv(module))] = (x, name)
+            self._seen[key] = (x, name)
             if name in self.alias:  # shared in an earlier batch: the owner accumulates
                 return
-            self.add(name, weight_rows(module, x))
+            self.add(name, weight_rows(module, layer_input(module, x)))
 
         return hook
 

@@ -259,6 +259,30 @@ def _check_diagnostics(run: DictConfig) -> None:
             )
 
 
+def _leading_transforms(steps: list) -> int:
+    """How many steps at the start of `steps` transform the model (ditq.methods.options.MODEL_TRANSFORM_STEPS)."""
+    from ditq.methods.options import MODEL_TRANSFORM_STEPS
+
+    n = 0
+    while n < len(steps) and steps[n] in MODEL_TRANSFORM_STEPS:
+        n += 1
+    return n
+
+
+def _check_step_order(run: DictConfig) -> None:
+    """Model transforms (rotations folded into the weights) lead method.steps: a step before them would
+    fit quantizers or record calibration inputs of the model they are about to change."""
+    from ditq.methods.options import MODEL_TRANSFORM_STEPS
+
+    steps = [spec.get("name") for spec in run.method.steps]
+    late = [s for s in steps[_leading_transforms(steps):] if s in MODEL_TRANSFORM_STEPS]
+    if late:
+        first = steps[_leading_transforms(steps)]
+        raise ConfigError(f"method.steps: {late[0]} comes after {first}, which fits quantizers or records calibration "
+                          f"inputs on the model before {late[0]} changes its weights (the fitted grids and inputs would "
+                          f"be stale); put {late[0]} first, e.g. steps: [{late[0]}, {first}, ...]; got {steps}")
+
+
 SEARCH_CONSTRAINTS = ("bitops", "storage", "mean_group_size", "none")
 SEARCH_OBJECTIVES = ("fid_to_fp", "fid")
 SEARCH_WEIGHTS = ("rtn", "method")
@@ -279,8 +303,9 @@ def _check_search(run: DictConfig) -> None:
         _check_positive("search.max_bitops", s.max_bitops)
     if "group_search" not in steps:
         return
-    if steps.index("group_search") != 0:
-        raise ConfigError(f"method.steps: group_search must come first (it rebuilds every quantizer); got {steps}")
+    if steps.index("group_search") != _leading_transforms(steps):
+        raise ConfigError(f"method.steps: group_search must come first, after model transforms only (it rebuilds "
+                          f"every quantizer); got {steps}")
     for key in ("population", "generations", "top_k", "num_samples", "holdout_samples"):
         if s[key] is None or s[key] <= 0:
             raise ConfigError(f"search.{key}={s[key]!r}: a search budget of zero cannot choose anything; "
@@ -406,6 +431,7 @@ def validate_config(cfg: DictConfig | dict) -> DictConfig:
         check_steps(list(m.steps))
     except ValueError as err:
         raise ConfigError(f"method.steps: {err}") from None
+    _check_step_order(run)
     if m.plan is not None:  # the file exists, parses, and its entries resolve (torch-free)
         from ditq.methods.plan import check_plan_file
 

@@ -31,6 +31,9 @@ class Step:
     """One algorithm applied to the quantized model in place."""
 
     name: str = "step"
+    # True: the step transforms the model (e.g. rotations folded into weights) and fits nothing; such
+    # steps lead method.steps, and the pipeline records the layer inputs after them, keyed by transform_spec()
+    transforms_model: bool = False
 
     def __init__(self, options):
         self.options = options
@@ -38,6 +41,10 @@ class Step:
     def check_plan(self, run, adapter, plan) -> None:
         """Raise on settings that cannot work with this model and plan; called right after the plan
         is built, before any sampling (no data, no quantizers)."""
+
+    def transform_spec(self) -> dict:
+        """What a model-transforming step did, as JSON-able data (part of later cache keys)."""
+        raise NotImplementedError(f"{type(self).__name__} does not transform the model")
 
     def needs_layer_inputs(self, ctx: QuantContext) -> bool:
         return False

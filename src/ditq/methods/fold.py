@@ -101,6 +101,15 @@ def check_unfitted(module: nn.Module, name: str) -> None:
                         "step fits quantizers (put the smoothing step first in method.steps)")
 
 
+def check_no_input_transform(module: nn.Module, name: str) -> None:
+    """A per-channel scale folded into the producer of a layer's input does not commute with an online
+    input transform (a rotation mixes the channels the scale was meant for)."""
+    if getattr(module, "input_transform", None) is not None:
+        raise FoldError(f"layer {name} rotates its input online (input_transform); a per-channel scale folded "
+                        "in front of it would not be exact. Smooth before rotating is not supported either: "
+                        "use the rotation or the smoothing on this layer, not both")
+
+
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.data = value.to(device=param.device, dtype=param.dtype)  # new storage, never an in-place edit
 
@@ -141,6 +150,8 @@ def fold_input_scale(adapter_or_denoiser, block_index: int, target: str, s: torc
     names = [f"block {block_index} norm1.linear"] + [f"block {block_index} {n}" for n in FOLD_TARGETS[target][2]]
     for m, n in zip([ada, *layers], names):
         check_unfitted(m, n)
+    for m, n in zip(layers, names[1:]):
+        check_no_input_transform(m, n)
     shift_chunk, scale_chunk, _ = FOLD_TARGETS[target]
     shift = slice(ADALN_CHUNKS.index(shift_chunk) * width, (ADALN_CHUNKS.index(shift_chunk) + 1) * width)
     scale = slice(ADALN_CHUNKS.index(scale_chunk) * width, (ADALN_CHUNKS.index(scale_chunk) + 1) * width)
@@ -170,6 +181,7 @@ def fold_v_scale(block: nn.Module, s: torch.Tensor) -> None:
     s = _scales(s, width, "fold_v_scale")
     for m, n in ((v, "attn1.to_v"), (out, "attn1.to_out.0")):
         check_unfitted(m, n)
+    check_no_input_transform(out, "attn1.to_out.0")
     _set(v.weight, _f64(v.weight) / s[:, None])
     if v.bias is not None:
         _set(v.bias, _f64(v.bias) / s)

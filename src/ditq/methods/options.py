@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 
 @dataclass
@@ -88,6 +88,37 @@ class SmoothQuantOptions:
                 raise ValueError(f"roles: unknown role {r!r}; choose among {list(SMOOTHQUANT_ROLES)}")
 
 
+# steps that transform the model (weights and online input transforms) rather than fit quantizers: they
+# lead method.steps, and the layer inputs are recorded after them (ditq.pipeline)
+MODEL_TRANSFORM_STEPS = ("rotate",)
+ROTATION_FALLBACKS = ("random", "error")
+
+
+@dataclass
+class RotateOptions:
+    """Hadamard rotations (HQ-DiT's identity transform, ditq.methods.rotate): the inputs of the layers
+    of `roles` rotated online with the inverse folded into their weights; with head_rotation, V and
+    the attention output projection (proj) rotated per head, folded on both sides (no online cost)."""
+
+    roles: List[str] = field(default_factory=lambda: ["qkv", "fc1", "fc2", "adaln"])  # online-rotated inputs
+    head_rotation: bool = True  # proj's input through a per-head rotation of V (free)
+    random_signs: bool = True  # R = diag(+-1) H / sqrt(n); false: the plain normalised Hadamard matrix
+    seed: int = 0  # signs (and a fallback matrix) per rotation from this seed and the layer's name
+    fallback: str = "random"  # a width with no Hadamard construction: random (seeded random orthogonal, logged) | error
+
+    def check(self) -> None:
+        from ditq.config.schema import LAYER_ROLES
+
+        for r in self.roles:
+            if r not in LAYER_ROLES:
+                raise ValueError(f"roles: unknown role {r!r}; choose among {list(LAYER_ROLES)}")
+        if self.fallback not in ROTATION_FALLBACKS:
+            raise ValueError(f"fallback={self.fallback!r}; choose random (a seeded random orthogonal matrix for a "
+                             "width with no Hadamard construction, logged) or error")
+        if not self.roles and not self.head_rotation:
+            raise ValueError("roles is empty and head_rotation is false: nothing to rotate")
+
+
 ALLOCATION_STRATEGIES = ("ilp", "hessian")  # ditq.methods.allocation (Q-DiT Table 5)
 KNAPSACK_SOLVERS = ("auto", "milp", "bnb")  # ditq.search.knapsack
 
@@ -109,4 +140,72 @@ class GroupAllocationOptions:
         if self.solver not in KNAPSACK_SOLVERS:
             raise ValueError(f"solver={self.solver!r}; choose one of {', '.join(KNAPSACK_SOLVERS)}")
         if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"max_rows={self.max_rows} must be >= 1 or null (every recorded row)")
+
+
+FORMAT_SELECT_SIDES = ("weight", "act")
+FORMAT_SELECT_ERRORS = ("mse", "output")  # ditq.methods.format_select
+
+
+@dataclass
+class FormatSelectOptions:
+    """HQ-DiT's format selection (ditq.methods.format_select): per layer and side, the FP ExMy split
+    and clipping ratio with the least quantization error on calibration data."""
+
+    # "auto": every signed FP ExMy split of the side's own bit width (the side's format first); or
+    # explicit formats, all of one bit width (that of the sides they are used on)
+    formats: List[str] = field(default_factory=lambda: ["auto"])
+    # fractions of the fitted range kept (each in (0, 1]); [1.0] = no clipping selection
+    clip_ratios: List[float] = field(default_factory=lambda: [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6,
+                                                              0.55, 0.5])
+    sides: List[str] = field(default_factory=lambda: list(FORMAT_SELECT_SIDES))
+    weight_error: str = "mse"  # mse: ||Q(W) - W||^2 | output: tr(dW H dW^T), H = X^T X / N on calibration rows
+    max_rows: Optional[int] = 4096  # calibration rows per layer for the act error (and H); null: all recorded
+
+    def check(self) -> None:
+        from ditq.quant.spec import FormatError, parse_format
+
+        hint = "set it in the format_select entry of method.steps, e.g. method.steps.0."
+        if not self.formats:
+            raise ValueError(f"formats is empty; use [auto] (every FP split of the side's bit width) or list "
+                             f"formats of one bit width, e.g. [fp4_e2m1, fp4_e3m0]; {hint}formats=[auto]")
+        if "auto" in self.formats:
+            if len(self.formats) != 1:
+                raise ValueError(f"formats={list(self.formats)}: 'auto' stands for every FP split of the side's "
+                                 "bit width and cannot be combined with named formats; use [auto] or only names")
+        else:
+            widths = {}
+            for f in self.formats:
+                try:
+                    spec = parse_format(f)
+                except FormatError as err:
+                    raise ValueError(f"formats: {err}") from None
+                if spec.is_block:
+                    raise ValueError(f"formats: {f} is a block format, which fixes its own scales; list "
+                                     "element formats such as fp4_e2m1 (a side with a block format is skipped)")
+                widths.setdefault(spec.bits, []).append(f)
+            if len(widths) > 1:
+                by = "; ".join(f"{b} bits: {', '.join(fs)}" for b, fs in sorted(widths.items()))
+                raise ValueError(f"formats={list(self.formats)} mixes bit widths ({by}); a side keeps its bit "
+                                 "width, so list formats of one width (or use [auto])")
+            if len(set(parse_format(f).name for f in self.formats)) != len(self.formats):
+                raise ValueError(f"formats={list(self.formats)} names a format twice")
+        if not self.clip_ratios:
+            raise ValueError(f"clip_ratios is empty; use [1.0] for no clipping selection; {hint}clip_ratios=[1.0]")
+        for r in self.clip_ratios:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) <= 1.0:
+                raise ValueError(f"clip_ratios: {r!r} must lie in (0, 1] (the fraction of the fitted range kept)")
+        if len(set(self.clip_ratios)) != len(self.clip_ratios):
+            raise ValueError(f"clip_ratios={list(self.clip_ratios)} lists a ratio twice")
+        if not self.sides:
+            raise ValueError(f"sides is empty; choose among {list(FORMAT_SELECT_SIDES)}")
+        for side in self.sides:
+            if side not in FORMAT_SELECT_SIDES:
+                raise ValueError(f"sides: unknown side {side!r}; choose among {list(FORMAT_SELECT_SIDES)}")
+        if len(set(self.sides)) != len(self.sides):
+            raise ValueError(f"sides={list(self.sides)} names a side twice")
+        if self.weight_error not in FORMAT_SELECT_ERRORS:
+            raise ValueError(f"weight_error={self.weight_error!r}; choose one of {', '.join(FORMAT_SELECT_ERRORS)} "
+                             "(mse: weight error; output: layer output error on calibration inputs)")
+        if self.max_rows is not None and (isinstance(self.max_rows, bool) or self.max_rows < 1):
             raise ValueError(f"max_rows={self.max_rows} must be >= 1 or null (every recorded row)")

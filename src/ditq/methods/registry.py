@@ -18,9 +18,11 @@ STEPS: dict[str, tuple[type, str]] = {
     "rtn": (opt.RTNOptions, "ditq.methods.rtn:RTN"),
     "gptq": (opt.GPTQOptions, "ditq.methods.gptq:GPTQ"),
     "smoothquant": (opt.SmoothQuantOptions, "ditq.methods.smoothquant:SmoothQuant"),
+    "rotate": (opt.RotateOptions, "ditq.methods.rotate:Rotate"),
     "repq": (opt.RepQOptions, "ditq.methods.repq:RepQ"),
     "group_search": (opt.GroupSearchOptions, "ditq.methods.group_search:GroupSearch"),
     "group_allocation": (opt.GroupAllocationOptions, "ditq.methods.allocation:GroupAllocation"),
+    "format_select": (opt.FormatSelectOptions, "ditq.methods.format_select:FormatSelect"),
 }
 
 

@@ -28,6 +28,7 @@ _LAZY = {
     "QuantConv2d": "modules",
     "round_ste": "ste",
     "set_kernel_threads": "runtime",
+    "Rotation": "hadamard",
 }
 
 __all__ = [

@@ -14,6 +14,12 @@ re-quantize the weight at every forward instead (gradients then reach `weight` s
 In CPU inference (grad disabled, no hooks on the activation quantizer) the quantized input is
 written into a reused per-thread buffer, saving a large allocation per call; `reuse_act_buffer =
 False` turns that off.
+
+Input transform. `input_transform` (None, or a module acting on the channel dim, e.g. a Hadamard
+`ditq.quant.hadamard.Rotation`) is applied to the input before the activation quantizer, whether
+or not the layer is quantized: a rotation x -> x R whose inverse was folded into `weight` (W R) is
+part of the FP model's function. `layer_input(module, x)` is what the layer's weight actually
+multiplies (the transformed input); calibration hooks record and accumulate that.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from torch import nn
 
 from .quantizer import Quantizer
 
-__all__ = ["QuantLinear", "QuantConv2d"]
+__all__ = ["QuantLinear", "QuantConv2d", "layer_input"]
 
 
 def _scratch_is_safe(quantizer: Quantizer, x: torch.Tensor) -> bool:
@@ -41,6 +47,13 @@ def _scratch_is_safe(quantizer: Quantizer, x: torch.Tensor) -> bool:
         and not getattr(nn.modules.module, "_global_forward_hooks", None)
         and not getattr(nn.modules.module, "_global_forward_pre_hooks", None)
     )
+
+
+def layer_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input `module`'s weight multiplies: x through the layer's `input_transform` if it has one
+    (QuantLinear / QuantConv2d), else x itself (calibration hooks receive the raw module input)."""
+    transform = getattr(module, "transform_input", None)
+    return x if transform is None else transform(x)
 
 
 def _refresh_after_load(module: "_QuantLayer", _incompatible_keys) -> None:
@@ -67,6 +80,7 @@ class _QuantLayer(nn.Module):
         self.reuse_act_buffer = True  # CPU inference: quantized input in a reused buffer (see _scratch_is_safe)
         self.register_buffer("w_hat", None, persistent=False)  # filled at first use (lazy: no fit here)
         self.register_buffer("weight_source", None)  # values to round instead of `weight` (set_weight_source)
+        self.input_transform: Optional[nn.Module] = None  # channel transform of the input (module doc)
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @torch.no_grad()
@@ -117,6 +131,12 @@ class _QuantLayer(nn.Module):
         self._ensure_weight_grid()
         return self.weight_quantizer(self.weight_to_quantize())
 
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x through `input_transform` along the channel dim (always applied, FP or quantized)."""
+        if self.input_transform is None:
+            return x
+        return self.input_transform(x)
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         aq = self.act_quantizer
         if aq is None or not self.quant_enabled:
@@ -155,7 +175,7 @@ class QuantLinear(_QuantLayer):
         self._init_quant(linear, weight_quantizer, act_quantizer, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+        return F.linear(self.quantize_input(self.transform_input(x)), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -188,6 +208,11 @@ class QuantConv2d(_QuantLayer):
         self.dilation, self.groups = conv.dilation, conv.groups
         self._init_quant(conv, weight_quantizer, act_quantizer, name)
 
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is None:
+            return x
+        return self.input_transform(x.movedim(1, -1)).movedim(-1, 1)
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quantizer is None or not self.quant_enabled:
             return x
@@ -195,7 +220,7 @@ class QuantConv2d(_QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(
-            self.quantize_input(x), self.quantized_weight(), self.bias,
+            self.quantize_input(self.transform_input(x)), self.quantized_weight(), self.bias,
             self.stride, self.padding, self.dilation, self.groups,
         )
 

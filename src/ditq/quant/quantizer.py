@@ -303,6 +303,8 @@ class Quantizer(nn.Module):
         gran = self.cfg.granularity
         parts.append(f"{gran}({self.group_size})" if self.group_size and not self.spec.is_block else gran)
         parts.append("dynamic" if self.cfg.dynamic else self.cfg.range)
+        if self.cfg.clip_ratio != 1.0:
+            parts.append(f"clip {self.cfg.clip_ratio:g}")
         return f"{self.role}:" + " ".join(parts)
 
     def extra_repr(self) -> str:
@@ -373,7 +375,8 @@ class Quantizer(nn.Module):
 
     def _row_range(self, rows: torch.Tensor, extremes: Optional[torch.Tensor] = None):
         """(lo, hi) per row; `extremes` (rows laid out like `rows`, holding the full data's min and max)
-        replaces the rows' own extremes for minmax and as the MSE search's starting range."""
+        replaces the rows' own extremes for minmax and as the MSE search's starting range. The rule's
+        result is multiplied by cfg.clip_ratio (fit, compute_params and dynamic ranges alike)."""
         cfg = self.cfg
         method = "minmax" if cfg.dynamic else cfg.range
         if method == "percentile":
@@ -387,6 +390,8 @@ class Quantizer(nn.Module):
                 rows, self.format, lo, hi, cfg.clip_search_points, cfg.clip_min_ratio, cfg.clip_norm,
                 cfg.eps, cfg.range_includes_zero,
             )
+        if cfg.clip_ratio != 1.0:  # clip: the rule's range shrunk (both ends); values beyond it saturate
+            lo, hi = (None if lo is None else lo * cfg.clip_ratio), hi * cfg.clip_ratio
         return lo, hi
 
     def _block_params(self, m: torch.Tensor, lead: tuple) -> QParams:

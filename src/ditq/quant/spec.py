@@ -183,6 +183,7 @@ class QuantizerConfig:
     ste: str = "clipped"  # gradient: "clipped" (1, but 0 where the value saturated at the grid's ends) or "identity"
     check_finite: bool = True  # dynamic ranges: raise NonFiniteError on NaN/Inf (one host sync per call)
     scale_bits: int = 16  # storage of one scale / zero point, for bits_per_weight (block formats fix theirs)
+    clip_ratio: float = 1.0  # the range rule's range ([lo, hi] or absmax) times this, before the scale; beyond saturates
 
 
 def _cfg_error(role: str, field: str, value, why: str) -> FormatError:
@@ -213,6 +214,9 @@ def validate_quantizer_config(cfg: QuantizerConfig, role: str) -> None:
         raise _cfg_error(role, "eps", cfg.eps, "must be > 0")
     if int(cfg.scale_bits) < 1:
         raise _cfg_error(role, "scale_bits", cfg.scale_bits, "must be >= 1")
+    if isinstance(cfg.clip_ratio, bool) or not (isinstance(cfg.clip_ratio, (int, float)) and 0.0 < float(cfg.clip_ratio) <= 1.0):
+        raise _cfg_error(role, "clip_ratio", cfg.clip_ratio,
+                         "must lie in (0, 1] (the fraction of the fitted range kept; 1.0 = no clipping)")
 
     # --- group size
     grouped = g in ("per_group", "per_token_group")
@@ -238,6 +242,9 @@ def validate_quantizer_config(cfg: QuantizerConfig, role: str) -> None:
             raise _cfg_error(role, "range", cfg.range, f"{spec.name} fixes its scales from each block's absmax; use minmax")
         if not cfg.symmetric:
             raise _cfg_error(role, "symmetric", False, f"{spec.name} is symmetric (no zero point); set symmetric: true")
+        if float(cfg.clip_ratio) != 1.0:
+            raise _cfg_error(role, "clip_ratio", cfg.clip_ratio,
+                             f"{spec.name} fixes its scales from each block's absmax; set clip_ratio: 1.0")
         if role == "act" and spec.family == "mx" and not cfg.dynamic:
             raise _cfg_error(role, "dynamic", False, f"{spec.name} activation scales belong to each token's blocks; set dynamic: true")
     elif g == "per_block":
