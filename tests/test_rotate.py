@@ -181,21 +181,53 @@ def test_rotate_after_a_fitting_step_is_a_config_error(compose):
         _cfg(compose, "method.steps=[{name: rotate, roles: [qkvx]}, {name: rtn}]")
 
 
+def _fp_wrapped(adapter, roles=("qkv", "proj", "fc1", "fc2", "adaln")):
+    """The layers of `roles` as QuantLinears without quantizers (the FP model), and a plan stand-in
+    with what Rotate.check_plan reads (each quantized layer's role)."""
+    qlayers, role_of = {}, {}
+    for info in adapter.layers():
+        if info.role in roles:
+            qlayers[info.name] = QuantLinear(adapter.denoiser.get_submodule(info.name), name=info.name)
+            adapter.denoiser.set_submodule(info.name, qlayers[info.name])
+            role_of[info.name] = info.role
+
+    class _Plan:
+        def quantized(self):
+            return {n: type("LP", (), {"role": r})() for n, r in role_of.items()}
+
+    return qlayers, role_of, _Plan()
+
+
+def test_dit_xl_widths_have_hadamard_rotations_end_to_end():
+    """A one-block DiT-XL/2 (random weights): every width (1152, 4608, heads of 72) has a Hadamard
+    construction, so fallback=error passes check_plan, and the rotated model is the same function."""
+    adapter = random_dit(dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
+                              num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([5, 900]), torch.tensor([1, 10])
+    with torch.no_grad():
+        ref = adapter.denoise(x, t, y)
+    qlayers, roles, plan = _fp_wrapped(adapter)
+    step = Rotate(RotateOptions(fallback="error"))
+    step.check_plan(None, adapter, plan)
+    ctx = QuantContext(adapter=adapter, run=None, qlayers=qlayers, roles=roles, layer_inputs=Lazy(dict, "unused"))
+    step.apply(ctx)
+    d = ctx.diagnostics["rotate"]
+    assert d["kinds"] == {"hadamard": 5} and d["online_inputs"] == {"qkv": 1, "fc1": 1, "fc2": 1, "adaln": 1}
+    assert d["rotations"]["input 1152"].startswith("hadamard 36x32")
+    assert d["rotations"]["input 4608"].startswith("hadamard 36x128")
+    assert d["rotations"]["heads 72"].startswith("hadamard 36x2")
+    with torch.no_grad():
+        assert _rel(adapter.denoise(x, t, y), ref) < 1e-5
+
+
 def test_width_without_hadamard_construction_falls_back_or_errors_before_sampling(caplog):
     # heads of 6 channels: no Hadamard matrix of order 6 exists
     adapter = random_dit(dict(num_attention_heads=4, attention_head_dim=6, in_channels=1, out_channels=1,
                               num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10))
-    qlayers = {}
-    for name in ("transformer_blocks.0.attn1.to_v", "transformer_blocks.0.attn1.to_out.0"):
-        qlayers[name] = QuantLinear(adapter.denoiser.get_submodule(name), name=name)
-        adapter.denoiser.set_submodule(name, qlayers[name])
-
-    class _Plan:  # the two attributes check_plan reads
-        def quantized(self):
-            return {n: type("LP", (), {"role": "proj" if n.endswith("to_out.0") else "qkv"})() for n in qlayers}
-
+    _, _, plan = _fp_wrapped(adapter, roles=("qkv", "proj"))
     with pytest.raises(RotationError, match=r"6 \(input of transformer_blocks.0.attn1 \(heads\)\)"):
-        Rotate(RotateOptions(roles=[], fallback="error")).check_plan(None, adapter, _Plan())
+        Rotate(RotateOptions(roles=[], fallback="error")).check_plan(None, adapter, plan)
     x = torch.randn(2, 1, 8, 8)
     t, y = torch.tensor([5, 900]), torch.tensor([1, 10])
     with torch.no_grad():
