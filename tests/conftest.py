@@ -15,19 +15,10 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-# Overrides that shrink any run on the embedded model to a few seconds.
-SHRINK = [
-    "eval.num_samples=20",
-    "eval.batch_size=20",
-    "eval.grid_size=20",
-    "sampler.num_steps=4",
-    "sampler.batch_size=10",
-    "calib.num_samples=8",
-    "calib.num_timesteps=2",
-    "calib.batch_size=8",
-    "calib.max_tokens_per_layer=256",
-    "logger=none",
-]
+# Overrides that shrink any run on the embedded model to a few seconds (the notebooks' QUICK).
+from ditq.analysis.embedded import QUICK  # noqa: E402
+
+SHRINK = list(QUICK)
 
 
 @pytest.fixture

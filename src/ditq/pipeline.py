@@ -90,22 +90,32 @@ def fp_samples_spec(run, model_fp: dict, sampler_cfg=None) -> dict:
 
 
 def sample_images(adapter, sampler, seeds: list[int], labels: torch.Tensor, *, cache: DiskCache | None,
-                  spec: dict | None, desc: str, stats: dict | None = None, progress: bool = True) -> torch.Tensor:
+                  spec: dict | None, desc: str, stats: dict | None = None, progress: bool = True,
+                  sharded: tuple | None = None) -> torch.Tensor | None:
     """uint8 NCHW images of `seeds`, in shards of sampler.batch_size seeds; with a cache, each
     finished shard is stored, so an interrupted run resumes from the shards it completed.
     `stats` (if given) gets `produce_s` (time it took to PRODUCE the shards, cached ones as recorded
-    when built) and `cached_shards` / `shards`."""
+    when built) and `cached_shards` / `shards`. `sharded` = (Dist, store) under torchrun
+    (`ditq.sampling.distributed`): this rank samples its shards; rank 0 gets all images, others None."""
     bs = sampler.cfg.batch_size
+
+    def build_shard(b, shard_seeds, shard_labels):
+        with torch.no_grad():
+            x = sampler.sample(shard_seeds, shard_labels, batch_size=bs, progress=progress,
+                               desc=f"{desc} [{b}:{b + len(shard_seeds)}/{len(seeds)}]")
+            return adapter.decode(x.to(adapter.device)).cpu()
+
+    if sharded is not None:
+        from ditq.sampling.distributed import sample_sharded
+
+        return sample_sharded(*sharded, seeds, labels, bs, build_shard, desc=desc, stats=stats)
     out = []
     produce_s, cached_shards = 0.0, 0
     for b in range(0, len(seeds), bs):
         shard_seeds, shard_labels = seeds[b : b + bs], labels[b : b + bs]
 
         def build():
-            with torch.no_grad():
-                x = sampler.sample(shard_seeds, shard_labels, batch_size=bs, progress=progress,
-                                   desc=f"{desc} [{b}:{b + len(shard_seeds)}/{len(seeds)}]")
-                return adapter.decode(x.to(adapter.device)).cpu()
+            return build_shard(b, shard_seeds, shard_labels)
 
         t0 = time.perf_counter()
         if cache is None or spec is None:
@@ -133,7 +143,8 @@ def element_bits(fmt: str | None) -> int | str:
 
 def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int | None = None,
         progress: bool = True) -> dict[str, Any]:
-    """Execute one validated run config; returns the result row (already stored and logged)."""
+    """Execute one validated run config; returns the result row (already stored and logged), or None
+    on a torchrun rank other than 0 (ditq.sampling.distributed)."""
     from ditq.calibration import collect_layer_inputs, collect_trajectory_inputs
     from ditq.calibration.layer_inputs import LAYER_INPUTS_VERSION
     from ditq.calibration.lazy import Lazy
@@ -161,6 +172,9 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
     fp_run = is_full_precision(run)
     cache = DiskCache(run.paths.cache_dir)
     device = resolve_device(run.device)
+    from ditq.sampling import distributed
+
+    dist = distributed.setup(device)  # under torchrun: join the process group (else rank 0 of 1, a no-op)
     metrics = list(run.eval.metrics)
     if fp_run:  # paired metrics of the FP model against itself are trivial
         metrics = [m for m in metrics if m not in ("psnr", "ssim", "lpips", "fid_to_fp")]
@@ -203,7 +217,7 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
     fp_stats: dict[str, Any] = {}
     with timings("fp_sample"):
         fp_images = sample_images(adapter, sampler, seeds, labels, cache=cache, spec=fp_spec, desc="FP samples",
-                                  stats=fp_stats)
+                                  stats=fp_stats, progress=progress, sharded=distributed.fp_shards(dist, cache, fp_spec))
 
     diagnostics: dict[str, Any] = {}
     bits_of: dict[str, float] = {}
@@ -276,7 +290,11 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
                     sampler_spec=sampler_spec(run), progress=progress)
         bits_of = {n: q.bits_per_weight() for n, q in qlayers.items() if q.weight_quantizer is not None}
         with timings("sample"):
-            images = sample_images(adapter, sampler, seeds, labels, cache=None, spec=None, desc=f"{run.method.name} {run.bits.name}")
+            q_shards = distributed.run_shards(dist, run.paths.cache_dir, run_key, {"v": SAMPLES_VERSION})
+            images = sample_images(adapter, sampler, seeds, labels, cache=None, spec=None, desc=f"{run.method.name} {run.bits.name}",
+                                   progress=progress, sharded=q_shards)
+    if not dist.is_main:  # torchrun: rank 0 gathers, scores and records; the other ranks are done
+        return None
 
     with timings("score"):
         scores = evaluator.evaluate(images, labels=labels, reference=reference,
@@ -336,6 +354,8 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
     }
     stop_if_launcher_gone()  # a sweep job whose launcher died writes no row
     path = keep_row(row, output_dir, run.paths.results_dir)  # <run dir>/result.json first, then the store
+    if not fp_run and q_shards is not None:  # torchrun: the quantized shards served their run
+        q_shards[1].remove_all()
     log.info("result row written to %s", path)
     if run.logger.wandb and run.logger.mode != "disabled":
         from ditq.tracking.wandb_log import log_run

@@ -191,6 +191,12 @@ def _check_table(run: DictConfig) -> None:
     for label, cells in t.paper.items():
         if not isinstance(cells, (dict, DictConfig)):
             _fail(f"table.paper.{label} must map column keys to the paper's values, got {cells!r}")
+        from ditq.tracking.table import paper_value_problem
+
+        for col, value in cells.items():
+            problem = paper_value_problem(str(label), str(col), value)
+            if problem:
+                _fail(problem)
         if t.columns:
             unknown = sorted(set(cells) - set(t.columns))
             if unknown:

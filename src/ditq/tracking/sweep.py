@@ -137,18 +137,24 @@ def record_job(job_dir: str | Path, row: dict[str, Any], job_num: int | None) ->
     return path
 
 
-def job_records(sweep_dir: str | Path, sweep_id: str | None = None) -> list[dict[str, Any]]:
-    """The job files under a sweep directory (of one sweep when `sweep_id` is given)."""
+def read_records(sweep_dir: str | Path, file_name: str, sweep_id: str | None = None) -> list[dict[str, Any]]:
+    """The JSON records named `file_name` under a sweep directory (of one sweep when `sweep_id` is
+    given), in path order; unreadable ones are skipped with a warning."""
     out = []
-    for path in sorted(Path(sweep_dir).rglob(JOB_FILE)):
+    for path in sorted(Path(sweep_dir).rglob(file_name)):
         try:
             rec = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            log.warning("skipping unreadable job file %s: %s", path, err)
+            log.warning("skipping unreadable %s %s: %s", file_name, path, err)
             continue
         if isinstance(rec, dict) and (sweep_id is None or rec.get("sweep_id") == sweep_id):
             out.append(rec)
     return out
+
+
+def job_records(sweep_dir: str | Path, sweep_id: str | None = None) -> list[dict[str, Any]]:
+    """The job files under a sweep directory (of one sweep when `sweep_id` is given)."""
+    return read_records(sweep_dir, JOB_FILE, sweep_id)
 
 
 def sweep_rows(rows: Iterable[dict], sweep_dir: str | Path, sweep_id: str | None = None) -> list[dict]:
