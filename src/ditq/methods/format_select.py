@@ -356,7 +356,7 @@ class FormatSelect(Step):
 
     def _score_layer(self, ctx: QuantContext, first: str, layer_jobs, inputs, configs) -> list[Choice]:
         """The best candidate of each job led by layer `first` (its weight side; an act side it leads)."""
-        from ditq.methods.wrap import _build
+        from ditq.methods.wrap import build_side
 
         o = self.options
         ratios = [float(r) for r in o.clip_ratios]
@@ -374,12 +374,12 @@ class FormatSelect(Step):
             errors: dict[tuple[str, float], float] = {}
             for fmt in cands:
                 for r in ratios:
-                    errors[fmt, r] = score(_build(configs.get(cfg, fmt, r, side), side))
+                    errors[fmt, r] = score(build_side(configs.get(cfg, fmt, r, side), side))
             (fmt, r), err = min(errors.items(), key=lambda kv: kv[1])  # the first of equal minima
             own = _spec(cfg.format).name
             own_err = errors.get((own, 1.0))
             if own_err is None:
-                own_err = score(_build(configs.get(cfg, own, 1.0, side), side))
+                own_err = score(build_side(configs.get(cfg, own, 1.0, side), side))
             choices.append(Choice(list(names), ctx.plan.layers[first].role, side, fmt, r, err, own, own_err))
         return choices
 

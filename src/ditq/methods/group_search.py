@@ -112,13 +112,13 @@ class Candidates:
     def install(self, qlayers: dict, genome: tuple) -> None:
         """Quantize the searched layers as `genome` says: weights rounded to nearest per group,
         activations dynamic per token and group (nothing to fit)."""
-        from ditq.methods.wrap import _build
+        from ditq.methods.wrap import build_side
 
         for n, g in self.sizes(genome).items():
             q = qlayers[n]
             if (n, g) not in self._quantizers:
                 lp = self.uniform_plan(g).layers[n]
-                wq, aq = _build(lp.weight, "weight"), _build(lp.act, "act")
+                wq, aq = build_side(lp.weight, "weight"), build_side(lp.act, "act")
                 if wq is not None:
                     wq.fit(q.weight.data)
                 self._quantizers[n, g] = (wq, aq)

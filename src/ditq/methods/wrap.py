@@ -9,7 +9,8 @@ from ditq.calibration.engine import full_precision  # noqa: F401  (re-exported: 
 from ditq.methods.plan import PlanError, QuantPlan, copy_config, group_problems, layer_formats  # noqa: F401
 
 
-def _build(cfg, side: str):
+def build_side(cfg, side: str):
+    """A fresh quantizer for one side ("weight" / "act") of a plan entry; None for a full-precision side."""
     from ditq.quant.quantizer import build_quantizer
 
     return None if cfg is None else build_quantizer(copy_config(cfg), side)
@@ -31,7 +32,7 @@ def wrap_layers(adapter, run, plan: QuantPlan | None = None) -> tuple[dict[str, 
     for name, lp in plan.quantized().items():
         module = adapter.denoiser.get_submodule(name)
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-        qmod = cls(module, _build(lp.weight, "weight"), _build(lp.act, "act"), name=name)
+        qmod = cls(module, build_side(lp.weight, "weight"), build_side(lp.act, "act"), name=name)
         adapter.denoiser.set_submodule(name, qmod)
         qlayers[name] = qmod
         roles[name] = lp.role
@@ -60,7 +61,7 @@ def apply_plan(qlayers: dict[str, nn.Module], plan: QuantPlan, rebuild: bool = F
         for side, attr in (("weight", "weight_quantizer"), ("act", "act_quantizer")):
             current, wanted = getattr(q, attr), getattr(lp, side)
             if rebuild or (current.cfg if current is not None else None) != wanted:
-                setattr(q, attr, _build(wanted, side))
+                setattr(q, attr, build_side(wanted, side))
                 if side == "weight":  # values an algorithm rounded for the old grid no longer apply
                     q.weight_source = None
                 same = False
