@@ -9,8 +9,6 @@ fake quantization plus the float matmul. Every case of a width is timed round-ro
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +17,7 @@ from torch import nn
 from ditq.quant import QuantizerConfig as Q
 from ditq.quant import QuantLinear, build_quantizer
 from ditq.quant.runtime import get_kernel_threads, set_kernel_threads
+from ditq.utils.timing import time_round_robin
 
 WIDTHS = [(1152, 1152), (1152, 4608), (4608, 1152)]  # attention proj / fc1 / fc2 of DiT-XL/2
 CASES = {  # name -> (weight config, activation config)
@@ -47,19 +46,6 @@ def build_layers(d_in: int, d_out: int, x: torch.Tensor) -> dict:
         layer = QuantLinear(lin, build_quantizer(wc, "weight"), act, name=name)
         layers[name] = (lambda m: (lambda: m(x)))(layer)
     return layers
-
-
-def time_round_robin(fns: dict, reps: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def main() -> None:

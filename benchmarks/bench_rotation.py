@@ -16,13 +16,12 @@ median per case), so the ratios share the machine's load.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from ditq.quant.hadamard import Rotation
+from ditq.utils.timing import time_round_robin
 
 # input -> (rotation width, [(d_in, d_out) of each linear fed], per token?)
 SITES = {
@@ -52,19 +51,6 @@ def build_cases(batch: int, tokens: int) -> tuple[dict, dict]:
         cases[(site, "dense")] = (lambda r, x: lambda: x @ r)(r32, x)
         cases[(site, "linear")] = (lambda ls, x: lambda: [F.linear(x, w, b) for w, b in ls])(layers, x)
     return cases, rows_of
-
-
-def time_round_robin(fns: dict, reps: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def main() -> None:

@@ -25,6 +25,24 @@ def random_dit(arch: dict | None = None, **kw):
     return adapter
 
 
+def denoise_inputs(n: int = 6, seed: int = 0, channels: int = 1, side: int = 8):
+    """(x, t, y) for a digits-sized denoiser: seeded noise, timesteps from 999 down to 1, labels with
+    the last one the null (unconditional) label 10."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, side, side, generator=g)
+    t = torch.tensor([999, 800, 500, 250, 60, 1][:n])
+    y = torch.arange(n) % 10
+    y[-1] = 10  # the null (unconditional) label
+    return x, t, y
+
+
+def rel_max_err(a, b) -> float:
+    """max |a - b| / max |b|."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
 def sampler_cfg(**kw):
     base = dict(name="t", kind="ddim", num_steps=5, cfg_scale=1.5, batch_size=8)
     base.update(kw)

@@ -16,7 +16,7 @@ from ditq.methods.fold import FoldError, dit_blocks, fold_input_scale, fold_v_sc
 from ditq.methods.options import SmoothQuantOptions
 from ditq.methods.smoothquant import SmoothQuant
 from tests.conftest import SHRINK
-from tests.helpers import random_dit, run_pipeline
+from tests.helpers import denoise_inputs, random_dit, rel_max_err, run_pipeline
 
 Q, V, OUT, FC1 = (f"transformer_blocks.0.{n}" for n in ("attn1.to_q", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj"))
 
@@ -29,15 +29,6 @@ def _embedded(compose):
     from ditq.models import load_adapter
 
     return load_adapter(_cfg(compose).model)
-
-
-def _inputs(n: int = 6, seed: int = 0, channels: int = 1, side: int = 8):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, channels, side, side, generator=g)
-    t = torch.tensor([999, 800, 500, 250, 60, 1][:n])
-    y = torch.arange(n) % 10
-    y[-1] = 10  # the null (unconditional) label
-    return x, t, y
 
 
 def _denoise(adapter, inputs):
@@ -61,22 +52,18 @@ def _apply_folds(adapter, which: str, seed: int = 0) -> None:
             fold_v_scale(block, _log_uniform(block.attn1.to_v.out_features, seed + 3 * k + 2))
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
 # ----------------------------------------------------------------------------- fold exactness
 @pytest.mark.parametrize("which", ["attn", "mlp", "v", "all"])
 @pytest.mark.parametrize("model", ["embedded", "random"])
 def test_fold_is_exact(compose, model, which):
     adapter = _embedded(compose) if model == "embedded" else random_dit()
-    inputs = _inputs()
+    inputs = denoise_inputs()
     ref = _denoise(adapter, inputs)
     before = {n: p.detach().clone() for n, p in adapter.denoiser.named_parameters()}
     _apply_folds(adapter, which)
     changed = [n for n, p in adapter.denoiser.named_parameters() if not torch.equal(p, before[n])]
     assert changed  # the folds did change weights ...
-    assert _rel(_denoise(adapter, inputs), ref) < 1e-5  # ... and the function is the same to float32 rounding
+    assert rel_max_err(_denoise(adapter, inputs), ref) < 1e-5  # ... and the function is the same to float32 rounding
 
 
 @pytest.mark.parametrize("wrong", [
@@ -86,11 +73,11 @@ def test_fold_is_exact(compose, model, which):
 def test_fold_with_a_wrong_chunk_order_is_not_exact(monkeypatch, wrong):
     """The exactness tests above would catch a wrong adaLN chunk order (diffusers' AdaLayerNormZero)."""
     adapter = random_dit()
-    inputs = _inputs()
+    inputs = denoise_inputs()
     ref = _denoise(adapter, inputs)
     monkeypatch.setattr(fold, "ADALN_CHUNKS", wrong)
     _apply_folds(adapter, "all")
-    assert _rel(_denoise(adapter, inputs), ref) > 1e-3
+    assert rel_max_err(_denoise(adapter, inputs), ref) > 1e-3
 
 
 def test_fold_refuses_bad_scales_and_fitted_quantizers():
@@ -166,7 +153,7 @@ def test_smoothquant_step_exact_and_reduces_act_error(compose):
     SmoothQuant(SmoothQuantOptions()).apply(ctx)
 
     with full_precision(qlayers):  # the smoothed FP model is the same function
-        assert _rel(_denoise(adapter, recs), ref) < 1e-5
+        assert rel_max_err(_denoise(adapter, recs), ref) < 1e-5
     assert not torch.equal(dit_blocks(adapter)[0].norm1.linear.weight, ada)
     smoothed = ctx.layer_inputs()
     for n, rec in original.items():  # cached tensors untouched

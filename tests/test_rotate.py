@@ -18,24 +18,11 @@ from ditq.methods.wrap import full_precision, wrap_layers
 from ditq.quant import QuantizerConfig, QuantLinear, build_quantizer
 from ditq.quant.hadamard import Rotation, RotationError
 from tests.conftest import SHRINK
-from tests.helpers import random_dit, run_pipeline
+from tests.helpers import denoise_inputs, random_dit, rel_max_err, run_pipeline
 
 
 def _cfg(compose, *overrides):
     return validate_config(compose(SHRINK + ["method=rtn_dynamic", "bits=w4a4_fp4", *overrides]))
-
-
-def _inputs(n: int = 6, seed: int = 0, channels: int = 1, side: int = 8):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, channels, side, side, generator=g)
-    t = torch.tensor([999, 800, 500, 250, 60, 1][:n])
-    y = torch.arange(n) % 10
-    y[-1] = 10  # the null (unconditional) label
-    return x, t, y
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def _rotated(adapter, run, **options):
@@ -54,7 +41,7 @@ def test_rotated_embedded_dit_is_the_same_function(compose, options):
     from ditq.models import load_adapter
 
     adapter = load_adapter(run.model)
-    inputs = _inputs()
+    inputs = denoise_inputs()
     with torch.no_grad():
         ref = adapter.denoise(*inputs)
         before = {n: p.detach().clone() for n, p in adapter.denoiser.named_parameters()}
@@ -67,7 +54,7 @@ def test_rotated_embedded_dit_is_the_same_function(compose, options):
                if qlayers[n].weight.shape[1] > 1)  # (a 1-channel conv input has a rotation of +-1)
     with torch.no_grad(), full_precision(qlayers):
         out = adapter.denoise(*inputs)
-    assert _rel(out, ref) < 1e-5  # float32 rounding of the online rotation and the folded weights
+    assert rel_max_err(out, ref) < 1e-5  # float32 rounding of the online rotation and the folded weights
     with torch.no_grad():  # and the quantized model runs on the rotated inputs
         q = adapter.denoise(*inputs)
     assert torch.isfinite(q).all() and not torch.allclose(q, ref)
@@ -134,7 +121,7 @@ def test_rotated_dit_xl_block_is_exact(dtype, tol):
         rotate_input(w["norm1.linear"], Rotation(1152, seed=4).to(dtype))
         rotate_heads(block.attn1, Rotation(72, seed=5).to(dtype), "attn1")
         out = block(x, timestep=t, class_labels=y)
-    assert _rel(out, ref) < tol
+    assert rel_max_err(out, ref) < tol
 
 
 def test_layer_statistics_see_the_rotated_input():
@@ -218,7 +205,7 @@ def test_dit_xl_widths_have_hadamard_rotations_end_to_end():
     assert d["rotations"]["input 4608"].startswith("hadamard 36x128")
     assert d["rotations"]["heads 72"].startswith("hadamard 36x2")
     with torch.no_grad():
-        assert _rel(adapter.denoise(x, t, y), ref) < 1e-5
+        assert rel_max_err(adapter.denoise(x, t, y), ref) < 1e-5
 
 
 def test_width_without_hadamard_construction_falls_back_or_errors_before_sampling(caplog):
@@ -235,7 +222,7 @@ def test_width_without_hadamard_construction_falls_back_or_errors_before_samplin
         caplog.set_level("WARNING")
         rotate_heads(adapter.denoiser.transformer_blocks[0].attn1, Rotation(6, seed=0), "attn1")
         assert "random orthogonal" in caplog.text
-        assert _rel(adapter.denoise(x, t, y), ref) < 1e-5
+        assert rel_max_err(adapter.denoise(x, t, y), ref) < 1e-5
 
 
 def test_hqdit_rtn_pipeline_records_rotated_inputs_under_their_own_key(compose, tmp_path):

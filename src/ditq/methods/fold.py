@@ -110,15 +110,17 @@ def check_no_input_transform(module: nn.Module, name: str) -> None:
                         "use the rotation or the smoothing on this layer, not both")
 
 
-def _set(param: torch.Tensor, value: torch.Tensor) -> None:
+def set_param(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Give `param` the value `value` (its own dtype and device) in new storage."""
     param.data = value.to(device=param.device, dtype=param.dtype)  # new storage, never an in-place edit
 
 
-def _f64(t: torch.Tensor) -> torch.Tensor:
+def as_f64(t: torch.Tensor) -> torch.Tensor:
+    """A float64 CPU copy of `t` (folds compute in float64)."""
     return t.detach().to(device="cpu", dtype=torch.float64, copy=True)
 
 
-def _refresh(modules: Iterable[nn.Module]) -> None:
+def drop_cached_weights(modules: Iterable[nn.Module]) -> None:
     """Drop a quantized layer's cached weight: it is re-quantized, its grid fitted, at first use on the
     folded weight (refresh() would fit the grid now, and the next fold would find it stale)."""
     for m in modules:
@@ -155,16 +157,16 @@ def fold_input_scale(adapter_or_denoiser, block_index: int, target: str, s: torc
     shift_chunk, scale_chunk, _ = FOLD_TARGETS[target]
     shift = slice(ADALN_CHUNKS.index(shift_chunk) * width, (ADALN_CHUNKS.index(shift_chunk) + 1) * width)
     scale = slice(ADALN_CHUNKS.index(scale_chunk) * width, (ADALN_CHUNKS.index(scale_chunk) + 1) * width)
-    w, b = _f64(ada.weight), _f64(ada.bias)
+    w, b = as_f64(ada.weight), as_f64(ada.bias)
     w[scale] /= s[:, None]
     b[scale] = (b[scale] + 1.0) / s - 1.0  # (1 + scale) / s = 1 + (scale / s + 1 / s - 1)
     w[shift] /= s[:, None]
     b[shift] /= s
-    _set(ada.weight, w)
-    _set(ada.bias, b)
+    set_param(ada.weight, w)
+    set_param(ada.bias, b)
     for layer in layers:
-        _set(layer.weight, _f64(layer.weight) * s[None, :])
-    _refresh([ada, *layers])
+        set_param(layer.weight, as_f64(layer.weight) * s[None, :])
+    drop_cached_weights([ada, *layers])
 
 
 @torch.no_grad()
@@ -182,8 +184,8 @@ def fold_v_scale(block: nn.Module, s: torch.Tensor) -> None:
     for m, n in ((v, "attn1.to_v"), (out, "attn1.to_out.0")):
         check_unfitted(m, n)
     check_no_input_transform(out, "attn1.to_out.0")
-    _set(v.weight, _f64(v.weight) / s[:, None])
+    set_param(v.weight, as_f64(v.weight) / s[:, None])
     if v.bias is not None:
-        _set(v.bias, _f64(v.bias) / s)
-    _set(out.weight, _f64(out.weight) * s[None, :])
-    _refresh([v, out])
+        set_param(v.bias, as_f64(v.bias) / s)
+    set_param(out.weight, as_f64(out.weight) * s[None, :])
+    drop_cached_weights([v, out])

@@ -136,22 +136,18 @@ def fold_site(adapter, site: Site, r: torch.Tensor, b: torch.Tensor) -> None:
     d = r.numel()
     shift = slice(site.shift * d, (site.shift + 1) * d)
     b = b.to(device="cpu", dtype=torch.float64)
-    bias = _f64(lin.bias)
+    bias = fold.as_f64(lin.bias)
     bias[shift] -= b
     lin.bias.data = bias.to(device=lin.bias.device, dtype=lin.bias.dtype)
     for name in site.consumers:
         layer = denoiser.get_submodule(name)
-        w = _f64(layer.weight)
-        new = (_f64(layer.bias) if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)) + w @ b
+        w = fold.as_f64(layer.weight)
+        new = (fold.as_f64(layer.bias) if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)) + w @ b
         new = new.to(device=layer.weight.device, dtype=layer.weight.dtype)
         if layer.bias is None:
             layer.bias = nn.Parameter(new, requires_grad=False)
         else:
             layer.bias.data = new
-
-
-def _f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(device="cpu", dtype=torch.float64, copy=True)
 
 
 # ----------------------------------------------------------------------------- the step

@@ -66,11 +66,11 @@ def rotate_input(layer: nn.Module, rotation: nn.Module, name: str = "") -> None:
     if getattr(rotation, "n", width) != width:
         raise fold.FoldError(f"layer {name}: a rotation of width {rotation.n} for an input of {width} channels")
     r = rotation.matrix(torch.float64).cpu()
-    w = fold._f64(layer.weight)
+    w = fold.as_f64(layer.weight)
     w = torch.einsum("oikl,ij->ojkl", w, r) if w.ndim == 4 else w @ r
-    fold._set(layer.weight, w)
+    fold.set_param(layer.weight, w)
     layer.input_transform = rotation.to(device=layer.weight.device)
-    layer.w_hat = None
+    fold.drop_cached_weights([layer])
 
 
 def attention_of(denoiser: nn.Module, proj_name: str) -> tuple[nn.Module, str]:
@@ -109,16 +109,14 @@ def rotate_heads(attn: nn.Module, rotation: nn.Module, where: str = "attention")
     fold.check_no_input_transform(out, f"{where}.to_out.0")
     r = rotation.matrix(torch.float64).cpu()
     heads = int(attn.heads)
-    wv = fold._f64(v.weight)
+    wv = fold.as_f64(v.weight)
     wv = torch.einsum("ji,hjk->hik", r, wv.reshape(heads, d, -1)).reshape(wv.shape)
-    fold._set(v.weight, wv)
+    fold.set_param(v.weight, wv)
     if v.bias is not None:
-        fold._set(v.bias, torch.einsum("ji,hj->hi", r, fold._f64(v.bias).reshape(heads, d)).reshape(-1))
-    wo = fold._f64(out.weight)
-    fold._set(out.weight, torch.einsum("ohj,ji->ohi", wo.reshape(wo.shape[0], heads, d), r).reshape(wo.shape))
-    for m in (v, out):
-        if hasattr(m, "w_hat"):
-            m.w_hat = None
+        fold.set_param(v.bias, torch.einsum("ji,hj->hi", r, fold.as_f64(v.bias).reshape(heads, d)).reshape(-1))
+    wo = fold.as_f64(out.weight)
+    fold.set_param(out.weight, torch.einsum("ohj,ji->ohi", wo.reshape(wo.shape[0], heads, d), r).reshape(wo.shape))
+    fold.drop_cached_weights([v, out])
 
 
 @torch.no_grad()

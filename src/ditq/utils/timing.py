@@ -1,8 +1,10 @@
 """Wall-clock timings of a run's stages."""
 from __future__ import annotations
 
+import statistics
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 
 class Timings:
@@ -20,3 +22,18 @@ class Timings:
 
     def total(self) -> float:
         return round(time.perf_counter() - self._t0, 3)
+
+
+def time_round_robin(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, float]:
+    """Median milliseconds of each function, timed round-robin (every case once per round, after
+    `warmup` rounds), so the cases of one benchmark share the machine's load (benchmarks/)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
