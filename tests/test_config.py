@@ -24,6 +24,14 @@ def test_every_choice_of_every_group_validates(compose, group):
             overrides.append("model=dit_xl_256")
         if group == "model" and choice.startswith("dit_xl"):
             overrides.append("dataset=imagenet")  # an ImageNet model is scored against ImageNet
+        if group == "model" and choice.startswith(("pixart", "hunyuan")):  # text-to-image: a prompt set
+            overrides += ["dataset=hpsv2", "dataset.prompts=/data/hpsv2_prompts", "eval=t2i"]
+        if group == "model" and choice == "tiny_pixart_digits":
+            overrides += ["dataset=digits_captions", "eval=digits_t2i"]
+        if group == "dataset" and choice in ("digits_captions", "coco_captions", "hpsv2"):
+            overrides += ["model=tiny_pixart_digits", "eval=digits_t2i"]
+            if choice != "digits_captions":
+                overrides += ["eval=t2i", f"dataset.prompts=/data/{choice}"]
         run = validate_config(compose(overrides))
         assert run.run_name  # derived from values
 

@@ -54,6 +54,6 @@ def test_ablation_methods_change_one_part_each(composer):
     assert steps["hqdit_e2m1"]["format_select"]["formats"] == ["fp4_e2m1"]
     assert list(steps["hqdit_noclip"]["format_select"]["clip_ratios"]) == [1.0]
     layers = {tuple(r.method.layers) for r in runs.values()}
-    assert layers == {("qkv", "proj", "fc1", "fc2")}  # every row quantizes the same layers
+    assert layers == {("qkv", "proj", "cross_attn", "fc1", "fc2")}  # every row quantizes the same layers
     acts = {(r.method.act.granularity, r.method.act.dynamic) for r in runs.values()}
     assert acts == {("per_token", True)}

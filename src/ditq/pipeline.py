@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 import ditq
 from ditq.config.schema import is_full_precision
+from ditq.utils.atomic import atomic_write_text
 from ditq.utils.cache import DiskCache
 from ditq.utils.timing import Timings
 
@@ -60,11 +61,16 @@ def build_reference(dataset_cfg):
     """The real data a run is scored against."""
     from ditq.metrics import Reference
 
-    if dataset_cfg.kind == "digits":
+    from ditq.config.checks import PROMPT_DATASET_KINDS
+    from ditq.data.prompts import uses_real_digits
+
+    if uses_real_digits(dataset_cfg.kind):  # digits, digits_captions
         from ditq.data.digits import real_digits_uint8
 
         images, labels = real_digits_uint8()
         return Reference.from_images(images, spec={"dataset": "sklearn_digits", "n": len(images), "v": 1}, labels=labels)
+    if dataset_cfg.reference is None and dataset_cfg.kind in PROMPT_DATASET_KINDS:
+        return None  # prompt sets without images (CLIP / ImageReward / HPSv2 need none)
     if dataset_cfg.reference is None:
         raise FileNotFoundError(f"dataset '{dataset_cfg.name}' needs dataset.reference (a reference batch .npz)")
     path = Path(dataset_cfg.reference)
@@ -87,6 +93,33 @@ def fp_samples_spec(run, model_fp: dict, sampler_cfg=None) -> dict:
     """Cache key of the FP model's samples (shards add their seeds and labels)."""
     return {"v": SAMPLES_VERSION, "model": model_fp, "sampler": sampler_spec(run, sampler_cfg),
             "dtype": run.dtype_inference, "label_mode": run.eval.labels}
+
+
+# every prompt pool up to this size is encoded whole (a few MB); larger ones (COCO) per seed
+ENCODE_WHOLE_POOL = 10_000
+
+
+def run_condition_indices(run, conditions, fp_run: bool) -> torch.Tensor:
+    """The condition indices a run can ask for: its evaluation, calibration, held-out and search seeds."""
+    if len(getattr(conditions, "pool", ())) <= ENCODE_WHOLE_POOL:
+        return torch.arange(len(conditions.pool))
+    ranges = [(run.eval.seed_start, run.eval.num_samples, run.eval.labels)]
+    if not fp_run:
+        ranges.append((run.calib.seed_start, run.calib.num_samples, run.calib.labels))
+        if run.diagnostics.enabled:
+            ranges.append((run.diagnostics.seed_start, run.diagnostics.num_samples, run.diagnostics.labels))
+        if any(s.get("name") in ("group_search",) for s in run.method.steps):
+            s = run.search
+            ranges += [(s.seed_start, s.num_samples, run.eval.labels),
+                       (s.holdout_seed_start, s.holdout_samples, run.eval.labels)]
+    out = [conditions.for_seeds(list(range(a, a + n)), mode) for a, n, mode in ranges]
+    if not fp_run:
+        from ditq.calibration.noised import calibration_condition_indices
+
+        noised = calibration_condition_indices(run)  # captions of noised COCO calibration images
+        if noised is not None:
+            out.append(noised)
+    return torch.cat(out)
 
 
 def sample_images(adapter, sampler, seeds: list[int], labels: torch.Tensor, *, cache: DiskCache | None,
@@ -145,7 +178,7 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
         progress: bool = True) -> dict[str, Any]:
     """Execute one validated run config; returns the result row (already stored and logged), or None
     on a torchrun rank other than 0 (ditq.sampling.distributed)."""
-    from ditq.calibration import collect_layer_inputs, collect_trajectory_inputs
+    from ditq.calibration import collect_layer_inputs
     from ditq.calibration.layer_inputs import LAYER_INPUTS_VERSION
     from ditq.calibration.lazy import Lazy
     from ditq.methods.base import QuantContext
@@ -157,8 +190,9 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
     from ditq.methods.wrap import full_precision, wrap_layers
     from ditq.metrics import Evaluator
     from ditq.models import load_adapter
-    from ditq.sampling import Sampler, labels_for_seeds
-    from ditq.preflight import check_loaded_model, check_outputs, check_reference
+    from ditq.sampling import Sampler
+    from ditq.data.prompts import build_conditions, load_prompt_pool
+    from ditq.preflight import check_guidance, check_loaded_model, check_outputs, check_reference
     from ditq.tracking.keep import keep_row
     from ditq.tracking.identity import previous_run
     from ditq.tracking.sweep import stop_if_launcher_gone
@@ -185,20 +219,33 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
                               batch_size=run.eval.batch_size, device=device, options=dict(run.eval.options))
         reference = build_reference(run.dataset)
         check_reference(reference, run)
-        evaluator.check(reference=reference, has_prompts=False, has_fp_images=not fp_run, has_labels=True,
+        prompt_pool = load_prompt_pool(run.dataset)  # a missing / empty prompt file fails here
+        evaluator.check(reference=reference, has_prompts=prompt_pool is not None, has_fp_images=not fp_run,
+                        has_labels=prompt_pool is None or prompt_pool.class_of is not None,
                         num_samples=run.eval.num_samples, samples_key="eval.num_samples")
         steps = [] if fp_run else build_steps(list(run.method.steps))
 
     with timings("load"):
         adapter = load_adapter(run.model, device=device, dtype=run.dtype_inference)
         check_loaded_model(adapter, run)  # timesteps, channels, image side: before any sampling
+        check_guidance(adapter, run)  # guidance of a model without an unconditional branch
+        conditions = build_conditions(run.dataset, adapter, pool=prompt_pool)  # seed -> label / prompt
+        adapter.set_conditions(conditions)
         plan = None if fp_run else plan_for_run(run, adapter)  # per-layer quantizers, checked before sampling
         for step in steps:  # step settings against this model and plan (search choices, budgets)
             step.check_plan(run, adapter, plan)
     sampler = Sampler(adapter, run.sampler, clip_sample=run.model.clip_sample)
     seeds = list(range(run.eval.seed_start, run.eval.seed_start + run.eval.num_samples))
-    labels = labels_for_seeds(seeds, adapter.num_classes, run.eval.labels)
+    labels = conditions.for_seeds(seeds, run.eval.labels)  # condition indices, a function of each seed
     model_fp = adapter.fingerprint()
+    if adapter.conditioning == "text":  # encode the run's prompts once (cached), free the encoder
+        from ditq.conditioning.text import prepare_text
+
+        with timings("encode_prompts"):
+            bank = prepare_text(adapter, conditions, run_condition_indices(run, conditions, fp_run), cache=cache,
+                                progress=progress)
+        model_fp = {**model_fp, "conditions": conditions.spec(), "text_encoder": bank.encoder}
+        text_stats = dict(bank.stats)
     run_key, previous = previous_run(run, model_fp, device)  # same config, weights, ditq version
     if previous is not None and not run.force:
         log.info("identical run already finished: %s; force=true to redo", previous.path)
@@ -220,6 +267,8 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
                                   stats=fp_stats, progress=progress, sharded=distributed.fp_shards(dist, cache, fp_spec))
 
     diagnostics: dict[str, Any] = {}
+    if adapter.conditioning == "text":
+        diagnostics["text_encoding"] = text_stats  # prompts encoded, cache hit, seconds
     bits_of: dict[str, float] = {}
     if fp_run:
         images = fp_images
@@ -229,10 +278,12 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
 
             if calib_file and calib_files.check(calib_file, calib_spec):
                 return calib_files.load(calib_file, calib_spec)
+            from ditq.calibration.noised import calibration_records, records_spec  # calib.source: trajectories | noised_data
+
             with full_precision(qlayers):
                 records = cache.get_or_create(
-                    "calib_inputs", calib_spec,
-                    lambda: collect_trajectory_inputs(sampler, run.calib, adapter.num_classes, progress=progress))
+                    "calib_inputs", records_spec(run, calib_spec),
+                    lambda: calibration_records(sampler, run, conditions, progress=progress))
             if calib_file:
                 calib_files.save(calib_file, calib_spec, records)
             return records
@@ -297,7 +348,8 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
         return None
 
     with timings("score"):
-        scores = evaluator.evaluate(images, labels=labels, reference=reference,
+        scores = evaluator.evaluate(images, labels=conditions.labels(labels), prompts=conditions.prompts(labels),
+                                    groups=conditions.groups_of(labels), reference=reference,
                                     fp_images=None if fp_run else fp_images, fp_spec=fp_spec)
 
     grid_path = None
@@ -307,6 +359,9 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
         grid_path = save_grid(images[:n], output_dir / "samples_grid.png", upscale=upscale)
     if run.eval.save_samples:
         write_adm_npz(output_dir / "samples.npz", images, labels)
+        if conditions.kind == "text":  # the prompt of every sample, in seed order
+            atomic_write_text(output_dir / "prompts.txt", "".join(p.replace("\n", " ") + "\n"
+                                                                for p in conditions.prompts(labels)))
 
     total_bits = adapter.parameter_bits(bits_of)
     row: dict[str, Any] = {
@@ -333,6 +388,7 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
             "num_samples": run.eval.num_samples,
             "seeds": [seeds[0], len(seeds)],
             "labels": run.eval.labels,
+            "conditions": conditions.spec(),
             "dtype": run.dtype_inference,
             "reference": run.dataset.name,
             "feature_net": run.eval.feature_net,

@@ -69,3 +69,14 @@ def check_loaded_model(adapter, run) -> None:
         raise ConfigError(f"model.resolution={m.resolution} but model {m.name} samples "
                           f"{adapter.latent_shape[-1]}px images in pixel space; set model.resolution="
                           f"{adapter.latent_shape[-1]}")
+
+
+def check_guidance(adapter, run) -> None:
+    """Guidance needs an unconditional branch: refuse it (and unconditional calibration twins) for a
+    model without one, before any sampling."""
+    if adapter.null_index is not None:
+        return
+    if run.sampler.cfg_scale > 1:
+        raise ConfigError(f"sampler.cfg_scale={run.sampler.cfg_scale} asks classifier-free guidance of model "
+                          f"{run.model.name}, which has no unconditional embedding ({adapter.conditioning} "
+                          "conditioning); set sampler.cfg_scale=1.0")

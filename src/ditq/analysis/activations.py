@@ -27,7 +27,7 @@ def trajectory_records(sampler, run, num_samples: int, num_timesteps: int, *, in
     cfg = OmegaConf.merge(run.calib, {"num_samples": int(num_samples), "num_timesteps": int(num_timesteps),
                                       "timesteps": "all" if include_all else "uniform",
                                       "batch_size": int(min(num_samples, run.calib.batch_size))})
-    return collect_trajectory_inputs(sampler, cfg, sampler.adapter.num_classes, progress=progress)
+    return collect_trajectory_inputs(sampler, cfg, sampler.adapter.conditions, progress=progress)
 
 
 def select_layers(adapter, roles: Sequence[str] = ROLES, blocks: Sequence[int] | None = None) -> dict[str, dict]:

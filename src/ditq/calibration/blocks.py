@@ -118,10 +118,13 @@ class BlockRunner:
         return out
 
 
-def calibration_batches(records: dict[str, torch.Tensor], null_class: int, include_uncond: bool,
+def calibration_batches(records: dict[str, torch.Tensor], null_class: int | None, include_uncond: bool,
                         batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(x, t, y) batches of the calibration records; with `include_uncond`, each batch holds the
-    conditional rows followed by their unconditional (null-label) twins, as guidance runs them."""
+    conditional rows followed by their unconditional (null-condition) twins, as guidance runs them."""
+    if include_uncond and null_class is None:
+        raise ValueError("calibration with unconditional twins (calib.include_uncond) needs a null condition, "
+                         "and this model has none: set calib.include_uncond=false")
     x_all, t_all, y_all = records["x"], records["t"], records["y"]
     half = max(1, batch_size // 2) if include_uncond else batch_size
     for b in range(0, len(x_all), half):

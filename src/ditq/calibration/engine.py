@@ -116,7 +116,7 @@ class BlockwiseEngine:
 
     # ------------------------------------------------------------------ helpers
     def _batches(self):
-        return list(calibration_batches(self.records, self.adapter.null_class, self.include_uncond,
+        return list(calibration_batches(self.records, self.adapter.null_index, self.include_uncond,
                                         self.batch_size))
 
     def _grid(self):

@@ -49,7 +49,7 @@ def collect_layer_inputs(adapter, calib: dict[str, torch.Tensor], layer_names: l
     if include_uncond:
         x_all = torch.cat([x_all, x_all])
         t_all = torch.cat([t_all, t_all])
-        y_all = torch.cat([y_all, torch.full_like(y_all, adapter.null_class)])
+        y_all = torch.cat([y_all, adapter.conditions.null_like(y_all)])
     n_batches = math.ceil(len(x_all) / batch_size)
     per_batch = math.ceil(max_tokens / n_batches)
     gen = torch.Generator().manual_seed(seed)

@@ -62,14 +62,19 @@ def select_steps(num_steps: int, cfg, seeds: list[int]) -> list[set[int]]:
     raise ValueError(f"calib.timesteps={cfg.timesteps!r}; choose one of: uniform, all, random_per_sample, ndtc")
 
 
-def collect_trajectory_inputs(sampler, cfg, num_classes: int, progress: bool = True) -> dict[str, torch.Tensor]:
+def collect_trajectory_inputs(sampler, cfg, conditions=None, progress: bool = True) -> dict[str, torch.Tensor]:
     """Run the FP sampler on the calibration seeds and keep the selected steps' inputs.
 
-    Returns {"x": [R, C, H, W], "t": [R] (timestep values), "y": [R] (class labels),
-    "seed": [R], "step": [R]} with R records in (batch, step, sample) order.
+    `conditions`: the run's `ditq.conditioning.Conditions` (default: the adapter's); an int is read
+    as a number of classes. Returns {"x": [R, C, H, W], "t": [R] (timestep values), "y": [R]
+    (condition indices: class labels / prompt indices), "seed": [R], "step": [R]} with R records in
+    (batch, step, sample) order.
     """
     seeds = list(range(cfg.seed_start, cfg.seed_start + cfg.num_samples))
-    labels = labels_for_seeds(seeds, num_classes, cfg.labels)
+    if conditions is None:
+        conditions = sampler.adapter.conditions
+    labels = (labels_for_seeds(seeds, conditions, cfg.labels) if isinstance(conditions, int)
+              else conditions.for_seeds(seeds, cfg.labels))
     keep = select_steps(sampler.cfg.num_steps, cfg, seeds)
     records: dict[str, list[torch.Tensor]] = {"x": [], "t": [], "y": [], "seed": [], "step": []}
     offset = [0]  # index of the current batch's first seed

@@ -14,9 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 from ditq.config.schema import ConfigError, quantizer_config
 from ditq.config.schema import _check_choice as _choice
 
-MODEL_FAMILIES = ("dit",)  # ditq.models.registry.load_adapter
+MODEL_FAMILIES = ("dit", "hunyuan", "pixart")  # ditq.models.registry.load_adapter
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
-DATASET_KINDS = ("digits", "imagenet", "coco")
+IMAGE_DATASET_KINDS = ("digits", "imagenet", "coco")  # class-conditional / unconditional models
+PROMPT_DATASET_KINDS = ("digits_captions", "coco_captions", "hpsv2", "prompts")  # text models (ditq.data.prompts)
+DIGITS_REFERENCE_KINDS = ("digits", "digits_captions")  # scored against the bundled real digits
+DATASET_KINDS = IMAGE_DATASET_KINDS + PROMPT_DATASET_KINDS
+HPS_STYLES = ("anime", "concept-art", "paintings", "photo")  # = ditq.metrics.hps.HPS_STYLES (torch-free copy)
+# what each family's adapter is conditioned on (its `conditioning`), to pair models and datasets before loading
+FAMILY_CONDITIONING = {"dit": "class", "pixart": "text", "hunyuan": "text"}
 # diffusers' DDIM/DDPM/DPM-Solver schedulers accept these spacings
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 # diffusers' DPMSolverMultistepScheduler algorithm types without step noise; the SDE variants
@@ -59,6 +65,7 @@ def check_values(run: DictConfig) -> None:
     _check_sampler(run.sampler)
     _check_dataset(run)
     _check_calib(run.calib)
+    _check_noised_calib(run)
     _check_eval(run.eval)
     _check_logger(run.logger)
     _check_table(run)
@@ -79,6 +86,8 @@ def _check_model(run: DictConfig) -> None:
     if m.cfg_channels is not None and isinstance(in_ch, int) and m.cfg_channels > in_ch:
         _fail(f"model.cfg_channels={m.cfg_channels} exceeds model.arch.in_channels={in_ch}; "
               f"set model.cfg_channels <= {in_ch} or null (all channels)")
+    if m.family == "pixart":
+        _check_pixart(m, arch)
     if m.weights != "random":
         return
     if not arch:
@@ -90,13 +99,69 @@ def _check_model(run: DictConfig) -> None:
         if n_cls != m.num_classes:
             _fail(f"model.arch.num_embeds_ada_norm={n_cls!r} must equal model.num_classes={m.num_classes} "
                   "(the class count of the random DiT)")
-        side = arch.get("sample_size")
-        if isinstance(side, int):
-            factor = SD_VAE_FACTOR if m.vae else 1
-            if side * factor != m.resolution:
-                _fail(f"model.arch.sample_size={side} gives {side * factor}px images"
-                      f"{' through the SD VAE (x8)' if m.vae else ''}, but model.resolution={m.resolution}; "
-                      f"set model.arch.sample_size={m.resolution // factor}")
+        _check_image_side(m, arch)
+    if m.family == "hunyuan":
+        _check_hunyuan_arch(m, arch)
+
+
+def _check_image_side(m, arch: dict) -> None:
+    """A random architecture's sample_size (x8 through a VAE) must give model.resolution."""
+    side = arch.get("sample_size")
+    factor = SD_VAE_FACTOR if m.vae else 1
+    if isinstance(side, int) and side * factor != m.resolution:
+        _fail(f"model.arch.sample_size={side} gives {side * factor}px images"
+              f"{' through the VAE (x8)' if m.vae else ''}, but model.resolution={m.resolution}; "
+              f"set model.arch.sample_size={m.resolution // factor}")
+
+
+def _check_pixart(m, arch: dict) -> None:
+    """model.text of a PixArt model (T5 settings) and, for weights=random, arch/text.arch that fit."""
+    keys = ("max_tokens", "dtype", "batch_size", "arch", "tokenizer")  # ditq.models.pixart.TEXT_KEYS
+    text = dict(m.text)
+    for k in text:
+        if k not in keys:
+            _fail(f"model.text.{k} is not a PixArt text-encoder setting; choose from: {', '.join(keys)}")
+    if text.get("max_tokens") is not None:
+        _at_least("model.text.max_tokens", text["max_tokens"], 1, "PixArt-alpha: 120, PixArt-Sigma: 300")
+    if text.get("batch_size") is not None:
+        _at_least("model.text.batch_size", text["batch_size"], 1)
+    if text.get("dtype") is not None:
+        _choice("model.text.dtype", text["dtype"], MODEL_DTYPES)
+    if text.get("tokenizer") is not None:
+        _choice("model.text.tokenizer", text["tokenizer"], ("bytes", "digit_words"))
+    if m.weights != "random":
+        return
+    cap = arch.get("caption_channels")
+    if not isinstance(cap, int):
+        _fail(f"model.arch.caption_channels={cap!r}: a random PixArt needs the width of its text states "
+              "(PixArt-alpha/Sigma: 4096)")
+    width = dict(text.get("arch") or {}).get("d_model")
+    if width != cap:
+        _fail(f"model.text.arch.d_model={width!r} must equal model.arch.caption_channels={cap} (the random T5 "
+              f"encoder feeds the caption projection); set model.text.arch.d_model={cap}")
+    _check_image_side(m, arch)
+
+
+def _check_hunyuan_arch(m, arch: dict) -> None:
+    """model.arch of a random Hunyuan-DiT (diffusers HunyuanDiT2DModel kwargs): widths that fit."""
+    heads, head_dim, hidden = (arch.get(k) for k in ("num_attention_heads", "attention_head_dim", "hidden_size"))
+    if all(isinstance(v, int) for v in (heads, head_dim, hidden)) and heads * head_dim != hidden:
+        _fail(f"model.arch.hidden_size={hidden} must equal num_attention_heads x attention_head_dim = "
+              f"{heads} x {head_dim} = {heads * head_dim} (the blocks are that wide, the embedders hidden_size "
+              f"wide); set model.arch.hidden_size={heads * head_dim}")
+    for key, arch_key in (("max_tokens", "text_len"), ("max_tokens_t5", "text_len_t5")):
+        got, want = m.text.get(key), arch.get(arch_key)
+        if got is not None and isinstance(want, int) and got != want:
+            _fail(f"model.text.{key}={got} but model.arch.{arch_key}={want}: the Hunyuan-DiT transformer takes "
+                  f"exactly {want} tokens from that encoder; set model.text.{key}={want}")
+    t5 = arch.get("cross_attention_dim_t5")
+    if isinstance(t5, int) and t5 % 8:
+        _fail(f"model.arch.cross_attention_dim_t5={t5} must be a multiple of 8 (Hunyuan-DiT's text pooler has 8 "
+              "heads over the T5 states); e.g. 2048 as the released model")
+    side, patch = arch.get("sample_size"), arch.get("patch_size")
+    if isinstance(side, int) and isinstance(patch, int) and side % patch:
+        _fail(f"model.arch.sample_size={side} is not a multiple of model.arch.patch_size={patch}")
+    _check_image_side(m, arch)
 
 
 def _check_method_bits(run: DictConfig) -> None:
@@ -115,6 +180,79 @@ def _check_method_bits(run: DictConfig) -> None:
             fmt = ov.get(side)
             if fmt is not None:
                 quantizer_config(m[side], fmt, side, f"method.{side} (bits.overrides.{role}.{side})")
+    _check_method_formats(m)
+    _check_attn(run)
+
+
+FORMAT_RULE_SIDES = ("weight", "act")
+ATTN_KEYS = ("qkv", "per_head", "probs")  # method.attn (ditq.quant.qkv)
+
+
+def _check_method_formats(m: DictConfig) -> None:
+    """method.formats: {<role> | default: {weight | act: {fp<n>: <signed FP format of n bits>}}} (schema.method_format)."""
+    import re
+
+    from ditq.config.schema import LAYER_ROLES
+    from ditq.quant.spec import FormatError, parse_format
+
+    for role, sides in m.formats.items():
+        where = f"method.formats.{role}"
+        if role != "default":
+            _choice("method.formats key", role, LAYER_ROLES + ("default",))
+        if sides is None:  # no rule of its own (e.g. a derived method dropping its parent's rule)
+            continue
+        if not isinstance(sides, (dict, DictConfig)):
+            _fail(f"{where}={sides!r} must be a mapping {{weight: {{fp4: fp4_e3m0}}}}")
+        for side, rule in sides.items():
+            _choice(f"{where} key", side, FORMAT_RULE_SIDES)
+            if rule is None:
+                continue
+            if not isinstance(rule, (dict, DictConfig)):
+                _fail(f"{where}.{side}={rule!r} must map a bit width to a format, e.g. {{fp4: fp4_e3m0}} (used only "
+                      "when bits give this side a 4-bit FP format)")
+            for width, fmt in rule.items():
+                got = re.fullmatch(r"fp(\d+)", str(width))
+                if got is None:
+                    _fail(f"{where}.{side}: key {width!r} must be fp<bits> (e.g. fp4): the rule applies when bits give "
+                          f"this side a signed FP format of that width")
+                try:
+                    spec = parse_format(fmt)
+                except FormatError as err:
+                    _fail(f"{where}.{side}.{width}: {err}")
+                if spec.family not in ("fp", "ocp") or spec.bits != int(got.group(1)):
+                    _fail(f"{where}.{side}.{width}={fmt!r} is not a signed FP format of {got.group(1)} bits; a rule keeps "
+                          f"the bit width (e.g. {width}: fp{got.group(1)}_e1m{int(got.group(1)) - 2})")
+                quantizer_config(m[side], fmt, side, f"method.{side} (method.formats.{role}.{side}.{width})")
+        if role != "default" and role not in m.layers:
+            _fail(f"{where} sets formats of role {role!r}, which method.layers={list(m.layers)} does not quantize; "
+                  f"add {role} to method.layers or drop the rule")
+
+
+def _check_attn(run: DictConfig) -> None:
+    """method.attn (ditq.quant.qkv): known keys; Q/K/V need activation formats; probs a valid format."""
+    from ditq.config.schema import quantizer_config as qcfg
+
+    a = run.method.attn
+    unknown = sorted(set(a) - set(ATTN_KEYS))
+    if unknown:
+        _fail(f"method.attn has unknown key(s) {unknown}; valid: {', '.join(ATTN_KEYS)} (e.g. method.attn.qkv=true)")
+    for key in ("qkv", "per_head"):
+        if not isinstance(a.get(key, False), bool):
+            _fail(f"method.attn.{key}={a.get(key)!r} must be true or false")
+    probs = a.get("probs")
+    if not a.get("qkv", False) and probs is None:
+        return
+    quantizes = run.bits.weight is not None or run.bits.act is not None or bool(run.bits.overrides)
+    if not quantizes and not run.method.get("plan"):
+        return  # a full-precision run (e.g. the FP row of a sweep): the method's quantizers are not built
+    # Q/K/V follow their projections' activation format: with activations in FP (bits.act null) they stay FP
+    if not {"qkv", "cross_attn"} & set(run.method.layers) and not run.method.get("plan"):
+        _fail(f"method.attn quantizes inside the attentions, and method.layers={list(run.method.layers)} quantizes no "
+              "q/k/v projection (roles qkv, cross_attn), so Q/K/V would have no format and nothing would switch the "
+              "softmax back to full precision; add qkv to method.layers or set method.attn.qkv=false "
+              "method.attn.probs=null")
+    if probs is not None:
+        qcfg({"granularity": "per_token", "dynamic": True}, str(probs), "act", "method.attn.probs")
 
 
 def _check_sampler(s: DictConfig) -> None:
@@ -135,7 +273,17 @@ def _check_dataset(run: DictConfig) -> None:
     d, m = run.dataset, run.model
     _choice("dataset.kind", d.kind, DATASET_KINDS)
     _at_least("dataset.num_classes", d.num_classes, 1)
-    if d.num_classes != m.num_classes:
+    _check_prompt_source(d)
+    conditioning = FAMILY_CONDITIONING.get(m.family)
+    if conditioning == "text" and d.kind not in PROMPT_DATASET_KINDS:
+        _fail(f"model={m.name} is text-to-image (family {m.family}) and dataset={d.name} (kind {d.kind}) has no "
+              "prompts; use a prompt dataset: dataset=digits_captions (the embedded text-to-image model), "
+              "dataset=coco_captions or dataset=hpsv2")
+    if conditioning == "class" and d.kind in PROMPT_DATASET_KINDS:
+        _fail(f"dataset={d.name} (kind {d.kind}) is a prompt dataset and model={m.name} is class-conditional "
+              f"(family {m.family}); use dataset=digits for tiny_dit_digits, dataset=imagenet for dit_xl_*, or a "
+              "text-to-image model with this dataset")
+    if d.kind in IMAGE_DATASET_KINDS + ("digits_captions",) and d.num_classes != m.num_classes:  # datasets with classes
         _fail(f"dataset.num_classes={d.num_classes} (dataset={d.name}) does not match model.num_classes="
               f"{m.num_classes} (model={m.name}): the model is scored against another dataset than it "
               "generates; pick the dataset of this model (e.g. dataset=digits for tiny_dit_digits, "
@@ -144,12 +292,37 @@ def _check_dataset(run: DictConfig) -> None:
     if resolutions and m.resolution not in resolutions:
         _fail(f"model.resolution={m.resolution} (model={m.name}) has no reference in dataset={d.name}: "
               f"dataset.resolutions={resolutions}; pick a model at one of them or another dataset")
-    if d.kind == "digits" and d.reference is not None:
-        _fail(f"dataset.reference={d.reference!r} is ignored for dataset.kind=digits (the bundled digits are "
+    if d.kind in DIGITS_REFERENCE_KINDS and d.reference is not None:
+        _fail(f"dataset.reference={d.reference!r} is ignored for dataset.kind={d.kind} (the bundled digits are "
               "the reference); set dataset.reference=null")
-    if d.kind != "digits" and not d.reference:
+    if d.kind in IMAGE_DATASET_KINDS and d.kind != "digits" and not d.reference:  # prompt datasets: optional (FID)
         _fail(f"dataset.kind={d.kind} needs dataset.reference (a reference batch .npz)"
               f"{'; get it from ' + d.download_hint if d.download_hint else ''}")
+
+
+def _check_prompt_source(d: DictConfig) -> None:
+    """dataset.prompts / images / styles: set where the kind reads them, absent where it does not."""
+    needs = {"coco_captions": "the COCO captions annotation file (captions_train2017.json or captions_val2014.json "
+                              "from http://images.cocodataset.org/annotations/annotations_trainval2017.zip)",
+             "hpsv2": "the directory holding the HPSv2 benchmark prompts anime.json, concept-art.json, paintings.json, "
+                      "photo.json (https://huggingface.co/datasets/zhwang/HPDv2/tree/main/benchmark)",
+             "prompts": "a prompt file: .txt with one prompt per line, or a .json list of strings"}
+    if d.kind in needs and not (d.prompts and str(d.prompts).strip()):
+        _fail(f"dataset={d.name} (kind {d.kind}) needs dataset.prompts: {needs[d.kind]}; "
+              f"set dataset.prompts=/path/to/it")
+    if d.kind not in needs and d.prompts is not None:
+        _fail(f"dataset.prompts={d.prompts!r} is ignored for dataset.kind={d.kind} "
+              f"({'its captions are built in' if d.kind == 'digits_captions' else 'not a prompt dataset'}); "
+              "set dataset.prompts=null")
+    if d.images is not None and d.kind != "coco_captions":
+        _fail(f"dataset.images={d.images!r} only applies to dataset.kind=coco_captions (the captioned calibration "
+              f"images); set dataset.images=null")
+    if d.kind == "hpsv2":
+        styles = list(d.styles)
+        bad = [s for s in styles if s not in HPS_STYLES]
+        if not styles or bad or len(set(styles)) != len(styles):
+            _fail(f"dataset.styles={styles} must list distinct HPSv2 styles from {list(HPS_STYLES)}"
+                  f"{' (unknown: ' + str(bad) + ')' if bad else ''}")
 
 
 def _check_calib(c: DictConfig) -> None:
@@ -160,6 +333,27 @@ def _check_calib(c: DictConfig) -> None:
         _in_range("calib.ndtc_mean", c.ndtc_mean, -10.0, 10.0, "PTQ4DM's NDTC uses 0.4 (towards the clean end)")
         if c.ndtc_std is None or not math.isfinite(c.ndtc_std) or c.ndtc_std <= 0:
             _fail(f"calib.ndtc_std={c.ndtc_std!r} must be a finite number > 0 (PTQ4DM's NDTC uses 0.4)")
+
+
+CALIB_SOURCES = ("trajectories", "noised_data")  # ditq.calibration.noised
+NOISE_TIMESTEPS = ("sampler", "raw_0_19")
+NOISED_DATASET_KINDS = ("digits", "digits_captions", "coco_captions")  # where the captioned / labelled images come from
+
+
+def _check_noised_calib(run: DictConfig) -> None:
+    c, d = run.calib, run.dataset
+    _choice("calib.source", c.source, CALIB_SOURCES)
+    _choice("calib.noise_timesteps", c.noise_timesteps, NOISE_TIMESTEPS,
+            " (sampler: the run's sampler steps, FP4DiT's paper; raw_0_19: raw timesteps 0..19, its public code)")
+    if c.source != "noised_data":
+        return
+    if d.kind not in NOISED_DATASET_KINDS:
+        _fail(f"calib.source=noised_data noises real images, and dataset={d.name} (kind {d.kind}) has none here; use "
+              f"dataset=digits / digits_captions (the embedded models) or coco_captions with dataset.images, or "
+              f"calib.source=trajectories")
+    if d.kind == "coco_captions" and not d.images:
+        _fail("calib.source=noised_data with dataset=coco_captions needs dataset.images: the directory of the COCO "
+              "images of dataset.prompts (e.g. train2017/ or val2017/); set dataset.images=/path/to/it")
 
 
 def _check_eval(e: DictConfig) -> None:

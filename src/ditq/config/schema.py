@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # Roles a model adapter assigns to its quantizable layers.
-LAYER_ROLES = ("qkv", "proj", "fc1", "fc2", "adaln", "embed", "final", "cross_attn", "conv")
+LAYER_ROLES = ("qkv", "proj", "fc1", "fc2", "adaln", "embed", "final", "cross_attn", "caption", "conv")
 SAMPLER_KINDS = ("ddim", "dpm_solver", "ddpm")
 LABEL_MODES = ("balanced", "random")
 CALIB_TIMESTEP_MODES = ("uniform", "all", "random_per_sample", "ndtc")
@@ -54,6 +54,9 @@ class ModelConfig:
     cfg_channels: Optional[int] = None  # guidance on the first k output channels (original DiT: 3); null = all
     clip_sample: bool = False  # clamp predicted x0 to [-1, 1] (pixel-space models)
     dtype: str = "float32"
+    # text-conditional models: text-encoder settings (PixArt: max_tokens, dtype, batch_size, and for
+    # weights=random `arch` = T5 config kwargs and `tokenizer` = bytes | digit_words); empty for class models
+    text: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +85,13 @@ class MethodConfig:
     # follows it unless calib.timesteps is set explicitly
     calib_timesteps: str = "uniform"
     plan: Optional[str] = None  # per-layer plan YAML (ditq.methods.plan); overrides weight/act/layers and bits per layer
+    # per-role formats by bit width (FP4DiT): {<role> | default: {weight | act: {fp<n>: <format of n bits>}}}; a rule
+    # replaces the format `bits` gives that role's side only when it is a signed FP format of n bits (`method_format`)
+    formats: Dict[str, Any] = field(default_factory=dict)
+    # quantizers inside diffusers attentions (ditq.quant.qkv): qkv: the outputs of to_q/to_k/to_v (the attention
+    # matmuls' inputs) per token, dynamic, in each projection's activation format; per_head: one range per (token,
+    # head) instead of per token; probs: a format for the post-softmax probabilities (null: full precision)
+    attn: Dict[str, Any] = field(default_factory=lambda: {"qkv": False, "per_head": False, "probs": None})
 
 
 @dataclass
@@ -100,12 +110,19 @@ class SamplerConfig:
 @dataclass
 class DatasetConfig:
     name: str = "???"
-    kind: str = "digits"  # digits | imagenet | coco
+    # image datasets (class / unconditional models): digits | imagenet | coco;
+    # prompt datasets (text models, ditq.data.prompts): digits_captions | coco_captions | hpsv2 | prompts
+    kind: str = "digits"
     num_classes: int = 10
     reference: Optional[str] = None  # reference statistics / images (e.g. ADM .npz); null: built in
     root: Optional[str] = None
     download_hint: Optional[str] = None  # how to obtain `reference` (shown when it is missing)
     resolutions: List[int] = field(default_factory=list)  # image sides with a reference; empty: any
+    # prompt datasets: coco_captions: the COCO captions annotation JSON; hpsv2: the directory of the
+    # benchmark's <style>.json files; prompts: a .txt (one prompt per line) or .json list
+    prompts: Optional[str] = None
+    images: Optional[str] = None  # coco_captions: the COCO image directory (captioned calibration images)
+    styles: List[str] = field(default_factory=lambda: ["anime", "concept-art", "paintings", "photo"])  # hpsv2
 
 
 @dataclass
@@ -125,6 +142,12 @@ class CalibConfig:
     # a calibration file to use (made by this model, sampler and settings, else an error) or to write
     # when missing (ditq.calibration.files); null: the content-keyed cache only
     file: Optional[str] = None
+    # where the records come from: trajectories (the FP model's sampling trajectories) | noised_data (real captioned
+    # images noised with the training schedule, FP4DiT; ditq.calibration.noised)
+    source: str = "trajectories"
+    # noised_data: the timesteps images are noised at: sampler (the run's sampler steps picked by `timesteps`; the
+    # FP4DiT paper) | raw_0_19 (raw timesteps 0..19 of the training schedule; FP4DiT's public code)
+    noise_timesteps: str = "sampler"
 
 
 @dataclass
@@ -378,6 +401,27 @@ def format_implied(fmt: str, role: str) -> dict[str, Any]:
     if spec.family in ("fp", "ocp"):
         return {"symmetric": True}
     return {}
+
+
+def method_format(formats, role: str, side: str, fmt: Optional[str]) -> Optional[str]:
+    """The format of `side` ("weight"/"act") of a layer role after the method's per-role rules
+    (`method.formats`, FP4DiT's E3M0 for fc1): `formats[role][side]` (else `formats["default"][side]`)
+    maps "fp<n>" to a format of n bits, used when `fmt` (from bits) is a signed FP format of n bits,
+    so a rule written for 4-bit weights never touches an 8-bit or an INT run."""
+    if fmt is None or not formats:
+        return fmt
+    rules = formats.get(role)
+    if rules is None or rules.get(side) is None:
+        rules = formats.get("default")
+    rule = None if rules is None else rules.get(side)
+    if not rule:
+        return fmt
+    from ditq.quant.spec import parse_format
+
+    spec = parse_format(fmt)
+    if spec.family not in ("fp", "ocp"):
+        return fmt
+    return rule.get(f"fp{spec.bits}", fmt)
 
 
 def quantizer_config(method_side: dict, fmt: str, role: str, key: str):

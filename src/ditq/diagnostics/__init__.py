@@ -27,9 +27,9 @@ def run_diagnostics(adapter, sampler, run, qlayers: dict, roles: dict[str, str],
     clock = Timings()
     spec = records_spec(cfg, model=model_fp, sampler=sampler_spec, dtype=run.dtype_inference)
     with clock("records"), full_precision(qlayers):  # FP trajectories
-        records = heldout_records(sampler, cfg, adapter.num_classes, cache=cache, spec=spec, progress=progress)
+        records = heldout_records(sampler, cfg, adapter.conditions, cache=cache, spec=spec, progress=progress)
     with clock("errors"):
-        table = error_table(adapter, qlayers, records, roles=roles, include_uncond=cfg.include_uncond,
+        table = error_table(adapter, qlayers, records, roles=roles, include_uncond=cfg.include_uncond and adapter.null_index is not None,
                             cfg_scale=run.sampler.cfg_scale, batch_size=cfg.batch_size,
                             max_stored_mb=cfg.max_stored_mb, progress=progress)
     out = Path(output_dir)

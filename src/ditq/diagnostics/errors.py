@@ -176,7 +176,7 @@ def error_table(adapter, qlayers: dict, records: dict[str, torch.Tensor], *, rol
         while i < total:
             sl = slice(i, min(i + chunk, total))
             x, t, y = records["x"][sl].to(dev), records["t"][sl].to(dev), records["y"][sl].to(dev)
-            ys = [y] + ([torch.full_like(y, adapter.null_class)] if include_uncond else [])
+            ys = [y] + ([adapter.conditions.null_like(y)] if include_uncond else [])
             batch.update(x=torch.cat([x] * nb), t=torch.cat([t] * nb), y=torch.cat(ys),
                          slots=torch.cat([slots_all[sl]] * nb).to(dev))
             with full_precision(qlayers):

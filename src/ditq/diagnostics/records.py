@@ -34,12 +34,12 @@ def records_spec(cfg, *, model: str, sampler: dict, dtype: str) -> dict:
             "diagnostics": {k: c[k] for k in keys}}
 
 
-def heldout_records(sampler, cfg, num_classes: int, *, cache=None, spec: dict | None = None,
+def heldout_records(sampler, cfg, conditions=None, *, cache=None, spec: dict | None = None,
                     progress: bool = True) -> dict[str, torch.Tensor]:
     """{"x", "t", "y", "seed", "step"} of the held-out seeds, from `cache` (kind "diag_inputs") when
     stored there. The sampler's model must run in full precision while this builds."""
     def build():
-        return collect_trajectory_inputs(sampler, trajectory_config(cfg), num_classes, progress=progress)
+        return collect_trajectory_inputs(sampler, trajectory_config(cfg), conditions, progress=progress)
 
     if cache is None or spec is None:
         return build()

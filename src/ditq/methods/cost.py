@@ -195,7 +195,13 @@ def layer_tokens(adapter, names=None) -> dict[str, int]:
     """{layer name: input vectors per sample} for `names` (default: the adapter's layers; give the
     plan's names once layers are wrapped): 1 for the layers that see only the condition
     (`adapter.conditioning_layers()`), the patch count for every other one ((H / patch) x (W / patch)
-    of the latent; a patch-embedding conv's output positions)."""
+    of the latent; a patch-embedding conv's output positions). An adapter with its own count (text
+    models: caption-side layers read the caption's tokens) provides `layer_tokens()`."""
+    own = getattr(adapter, "layer_tokens", None)
+    if callable(own):
+        counts = own()
+        names = list(counts) if names is None else list(names)
+        return {n: counts[n] for n in names}
     _, h, w = adapter.latent_shape
     patch = int(getattr(getattr(adapter.denoiser, "config", None), "patch_size", None) or 1)
     patches = (int(h) // patch) * (int(w) // patch)

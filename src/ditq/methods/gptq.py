@@ -34,6 +34,13 @@ def gptq_layer(q, hessian: torch.Tensor, name: str, **options):
 class GPTQ(Step):
     name = "gptq"
 
+    def check_plan(self, run, adapter, plan) -> None:
+        """Block-wise calibration needs a chain of blocks: a model without one (Hunyuan-DiT's long
+        skips, U-Nets) is refused here, before any sampling."""
+        from ditq.calibration.blocks import BlockRunner
+
+        BlockRunner(adapter)
+
     def apply(self, ctx: QuantContext) -> None:
         from ditq.calibration.engine import BlockwiseEngine
 
@@ -47,7 +54,8 @@ class GPTQ(Step):
         self._check_records(records, ctx.timesteps)
         run = ctx.run
         include_uncond = bool(run.calib.include_uncond and run.sampler.cfg_scale > 1)
-        labels = list(range(ctx.adapter.num_classes)) + ([ctx.adapter.null_class] if include_uncond else [])
+        conditions = ctx.adapter.conditions  # class models: every label; text: the calibration prompts
+        labels = conditions.grid(records["y"]).tolist() + ([conditions.null_index] if include_uncond else [])
         per_layer: dict[str, dict] = {}
 
         def on_segment(segment, names, stats):

@@ -37,6 +37,63 @@ class GPTQOptions:
             raise ValueError(f"io_budget_mb={self.io_budget_mb} must be >= 0")
 
 
+ADAROUND_REC_LOSSES = ("brecq", "mean")  # ditq.algorithms.adaround.REC_LOSSES
+
+
+@dataclass
+class AdaRoundOptions:
+    """AdaRound (plain or FP4DiT's scale-aware) with BRECQ block reconstruction (ditq.methods.adaround),
+    on whatever grid the weight quantizers have. Defaults: AdaRound / BRECQ's (lr: AdaRound's 1e-3, as
+    the FP4DiT paper states none; its public code hard-codes 1e-4 for alpha: lr=1e-4)."""
+
+    iters: int = 2500  # per block (FP4DiT: 2500; the INT Q-Diffusion baseline: 20000)
+    batch_size: int = 16  # random calibration rows per iteration
+    lr: float = 1e-3  # Adam on the rounding variables (V, or alpha when scale_aware)
+    reg_weight: float = 0.01  # lambda of the rounding regulariser sum(1 - |2h - 1|^beta)
+    beta_start: float = 20.0  # beta annealed linearly start -> end after the warm-up
+    beta_end: float = 2.0
+    warmup: float = 0.2  # fraction of iterations without the regulariser
+    scale_aware: bool = False  # FP4DiT: h from sigmoid(alpha / s), s the per-element grid step
+    rec_loss: str = "brecq"  # brecq: BRECQ's lp_loss (squared error summed over dim 1, mean over the rest) | mean
+    seed: int = 0  # row sampling
+    log_every: int = 500  # log (and record in the row) the losses every N iterations; 0: never
+    roles: Optional[List[str]] = None  # roles whose weights are rounded (null: every layer with a weight quantizer)
+    sequential: bool = True  # block k's inputs come from the quantized blocks 0..k-1 (else the FP model's)
+    pass_batch_size: int = 32  # rows per forward of the passes that produce block inputs and FP targets
+    io_budget_mb: float = 2048.0  # block inputs / targets kept in memory; beyond it, memory-mapped files
+
+    def check(self) -> None:
+        if isinstance(self.iters, bool) or self.iters <= 0:
+            raise ValueError(f"iters={self.iters} must be a positive number of iterations per block "
+                             "(FP4DiT: 2500, the INT Q-Diffusion baseline: 20000)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1 (BRECQ: 16 rows per iteration)")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr} must be a positive learning rate (AdaRound: 1e-3; FP4DiT's code: 1e-4)")
+        if not (math.isfinite(self.reg_weight) and self.reg_weight >= 0):
+            raise ValueError(f"reg_weight={self.reg_weight} must be >= 0 (AdaRound / BRECQ: 0.01)")
+        if not (self.beta_start > 0 and self.beta_end > 0):
+            raise ValueError(f"beta_start={self.beta_start}, beta_end={self.beta_end} must be > 0 (BRECQ: 20 -> 2)")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup={self.warmup} must be a fraction of the iterations in [0, 1) (BRECQ: 0.2)")
+        if self.rec_loss not in ADAROUND_REC_LOSSES:
+            raise ValueError(f"rec_loss={self.rec_loss!r}; choose one of {', '.join(ADAROUND_REC_LOSSES)}")
+        if self.log_every < 0:
+            raise ValueError(f"log_every={self.log_every} must be >= 0 (0: no loss log)")
+        if self.pass_batch_size < 2:
+            raise ValueError(f"pass_batch_size={self.pass_batch_size} must be >= 2 (a row and its unconditional twin)")
+        if self.io_budget_mb < 0:
+            raise ValueError(f"io_budget_mb={self.io_budget_mb} must be >= 0")
+        if self.roles is not None:
+            from ditq.config.schema import LAYER_ROLES
+
+            if not self.roles:
+                raise ValueError("roles is empty; use null (every layer with a weight quantizer) or list roles")
+            for r in self.roles:
+                if r not in LAYER_ROLES:
+                    raise ValueError(f"roles: unknown role {r!r}; choose among {list(LAYER_ROLES)}")
+
+
 @dataclass
 class RepQOptions:
     """RepQ-ViT on DiT (ditq.methods.repq): post-LN per-channel -> per-tensor scale reparameterisation

@@ -46,7 +46,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from ditq.config.schema import LAYER_ROLES, ConfigError, quantizer_config
+from ditq.config.schema import LAYER_ROLES, ConfigError, method_format, quantizer_config
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,9 @@ def model_layers(adapter) -> dict[str, tuple[str, tuple[int, ...]]]:
 def layer_formats(run, role: str) -> tuple[str | None, str | None]:
     """(weight format, act format) of a layer role: `bits` with its per-role overrides."""
     ov = run.bits.overrides.get(role, {}) if run.bits.overrides else {}
-    return ov.get("weight", run.bits.weight), ov.get("act", run.bits.act)
+    formats = run.method.get("formats")  # the method's per-role rules by bit width (FP4DiT), schema.method_format
+    return (method_format(formats, role, "weight", ov.get("weight", run.bits.weight)),
+            method_format(formats, role, "act", ov.get("act", run.bits.act)))
 
 
 def run_layer_sides(run, role: str) -> tuple[Any, Any]:

@@ -17,6 +17,7 @@ from ditq.methods import options as opt
 STEPS: dict[str, tuple[type, str]] = {
     "rtn": (opt.RTNOptions, "ditq.methods.rtn:RTN"),
     "gptq": (opt.GPTQOptions, "ditq.methods.gptq:GPTQ"),
+    "adaround": (opt.AdaRoundOptions, "ditq.methods.adaround:AdaRound"),
     "smoothquant": (opt.SmoothQuantOptions, "ditq.methods.smoothquant:SmoothQuant"),
     "rotate": (opt.RotateOptions, "ditq.methods.rotate:Rotate"),
     "repq": (opt.RepQOptions, "ditq.methods.repq:RepQ"),

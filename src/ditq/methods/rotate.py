@@ -141,7 +141,8 @@ def shared_inputs(adapter, qlayers: dict[str, nn.Module], names: list[str]) -> l
             dev = getattr(adapter, "device", "cpu")
             x = torch.zeros((1, *adapter.latent_shape), device=dev, dtype=getattr(adapter, "dtype", torch.float32))
             t = torch.tensor([0], device=dev)
-            y = torch.tensor([adapter.null_class], device=dev)
+            null = adapter.null_index
+            y = torch.tensor([0 if null is None else null], device=dev)
             adapter.denoise(x, t, y)
     finally:
         for h in handles:
@@ -176,7 +177,9 @@ class Rotate(Step):
         return [n for n in names if roles.get(n) in self.options.roles]
 
     def _heads(self, roles: dict[str, str], names) -> list[str]:
-        return [n for n in names if roles.get(n) == "proj"] if self.options.head_rotation else []
+        # the attention output projections (diffusers: <attn>.to_out.0); other proj-role layers (Hunyuan-DiT's
+        # skip_linear) are not per-head and keep only their online rotation, if any
+        return [n for n in names if roles.get(n) == "proj" and n.endswith(".to_out.0")] if self.options.head_rotation else []
 
     def check_plan(self, run, adapter, plan) -> None:
         """Structure and widths, before any sampling: head rotations need diffusers attentions, and

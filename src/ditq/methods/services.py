@@ -43,9 +43,8 @@ class RunServices:
         return Sampler(self.adapter, cfg, clip_sample=self.run.model.clip_sample)
 
     def labels(self, seeds: list[int]) -> torch.Tensor:
-        from ditq.sampling import labels_for_seeds
-
-        return labels_for_seeds(seeds, self.adapter.num_classes, self.run.eval.labels)
+        """Condition indices of `seeds` (class labels / prompt indices; ditq.conditioning)."""
+        return self.adapter.conditions.for_seeds(seeds, self.run.eval.labels)
 
     def generate(self, seeds: list[int], sampler=None, desc: str = "candidate") -> torch.Tensor:
         """uint8 NCHW images of `seeds` from the model as it is now (quantized layers included); not cached."""
@@ -89,6 +88,8 @@ class RunServices:
         """{metric: value} of `images` (of `seeds`); paired metrics need `fp` = fp_images(seeds)."""
         fp_images, fp_spec = fp if fp is not None else (None, None)
         needs_ref = any(m in ("fid", "sfid", "precision", "recall", "is") for m in metrics)
+        y = self.labels(seeds)
+        conditions = self.adapter.conditions
         return self.evaluator(tuple(metrics)).evaluate(
-            images, labels=self.labels(seeds), reference=self.reference() if needs_ref else None,
-            fp_images=fp_images, fp_spec=fp_spec)
+            images, labels=conditions.labels(y), prompts=conditions.prompts(y),
+            reference=self.reference() if needs_ref else None, fp_images=fp_images, fp_spec=fp_spec)

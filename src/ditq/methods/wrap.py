@@ -36,6 +36,10 @@ def wrap_layers(adapter, run, plan: QuantPlan | None = None) -> tuple[dict[str, 
         adapter.denoiser.set_submodule(name, qmod)
         qlayers[name] = qmod
         roles[name] = lp.role
+    if run is not None and run.method.get("attn"):
+        from ditq.quant.qkv import install_for_run  # method.attn: Q/K/V (and softmax) quantizers (FP4DiT); off: no-op
+
+        install_for_run(adapter, run, qlayers)
     return qlayers, roles
 
 

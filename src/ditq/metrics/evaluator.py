@@ -267,8 +267,12 @@ class Evaluator:
 
     def evaluate(self, images: torch.Tensor, *, labels: torch.Tensor | None = None, prompts: list[str] | None = None,
                  reference: Reference | None = None, fp_images: torch.Tensor | None = None,
-                 fp_spec: dict | None = None) -> dict[str, float]:
-        """Score `images` (uint8 NCHW). FP-vs-itself paired metrics are skipped when images is fp_images."""
+                 fp_spec: dict | None = None, groups: list[str] | None = None) -> dict[str, float]:
+        """Score `images` (uint8 NCHW). FP-vs-itself paired metrics are skipped when images is fp_images.
+        `groups` (one name per image, e.g. the HPSv2 benchmark's style of each prompt): the prompt
+        metrics are also reported per group as "<metric>/<group>"."""
+        if groups is not None and len(groups) != len(images):
+            raise MetricInputError(f"{len(groups)} group names for {len(images)} images: counts must match")
         self._validate(images, labels, prompts, fp_images)
         self.check(reference=reference, has_prompts=prompts is not None, has_fp_images=fp_images is not None,
                    has_labels=labels is not None)
@@ -317,8 +321,11 @@ class Evaluator:
             elif m == "lpips":
                 out[m] = lpips_distance(self._lpips, images, fp_images, device=self.device)
             elif m in T2I_METRICS:
-                scores = self._scorers[m].score(to_rgb(images), list(prompts), batch_size=self.batch_size)
-                out[m] = float(torch.as_tensor(scores, dtype=torch.float64).mean())
+                scores = torch.as_tensor(self._scorers[m].score(to_rgb(images), list(prompts),
+                                                                batch_size=self.batch_size), dtype=torch.float64)
+                out[m] = float(scores.mean())
+                for g in dict.fromkeys(groups or ()):  # per group, in order of first appearance
+                    out[f"{m}/{g}"] = float(scores[[i for i, name in enumerate(groups) if name == g]].mean())
         return out
 
     def _sfid(self, reference: Reference, spatial: torch.Tensor) -> float:

@@ -51,6 +51,7 @@ HUB_REPO = "xswu/HPSv2"
 VERSION_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 TOKENIZER_HUB_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 BPE_GZ = "bpe_simple_vocab_16e6.txt.gz"
+ARCH_FILE = "open_clip_config.json"  # next to a checkpoint: its architecture, when `arch` is not given
 # open_clip's model_configs/ViT-H-14.json (what HPSv2 builds), mlp_ratio made explicit.
 VIT_H_14 = {
     "embed_dim": 1024,
@@ -194,6 +195,18 @@ def build_hps_model(arch: dict, state: dict[str, torch.Tensor], path) -> torch.n
     return model
 
 
+def read_arch_file(path: str | os.PathLike) -> dict:
+    """The `model_cfg` of an open_clip hub config (`open_clip_config.json`) next to a checkpoint: how a
+    model other than ViT-H-14 (e.g. ditq's embedded tiny CLIP) gives its architecture."""
+    cfg = read_json_file(path, what="open_clip model config")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
+        raise ValueError(f"open_clip model config {path}: expected a JSON object with a 'model_cfg' object")
+    try:
+        return merge_arch(cfg["model_cfg"])
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"open_clip model config {path}: {exc} (remove the file to use HPSv2's ViT-H-14)") from exc
+
+
 def load_bpe_tokenizer(source: str | os.PathLike, context_length: int) -> ClipBPETokenizer:
     """`bpe_simple_vocab_16e6.txt.gz`, a Hub-style `merges.txt` (vocab.json beside it is checked),
     a directory holding either, or a Hub repo id (its merges.txt)."""
@@ -231,11 +244,12 @@ class HPSv2Scorer:
         self.version = version
         self.device = torch.device(device)
         self.dtype = dtype
-        self.arch = merge_arch(arch)
         ckpt = resolve_file(path, VERSION_FILES[version], what=f"HPSv2 {version} checkpoint", setting="path",
                             hub_repo=HUB_REPO)
         if ckpt.name != VERSION_FILES[version] and ckpt.name in VERSION_FILES.values():
             raise ValueError(f"{ckpt} is the checkpoint of another HPSv2 version than {version}")
+        arch_file = ckpt.parent / ARCH_FILE if arch is None and (ckpt.parent / ARCH_FILE).is_file() else None
+        self.arch = merge_arch(read_arch_file(arch_file) if arch_file else arch)
         self.tokenizer = load_bpe_tokenizer(tokenizer, self.arch["text_cfg"]["context_length"])
         if self.tokenizer.vocab_size != self.arch["text_cfg"]["vocab_size"]:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} ids but the model expects "
@@ -246,6 +260,8 @@ class HPSv2Scorer:
         self.model = model.to(self.device, dtype).eval()
         self.files = {"checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt),
                       "tokenizer": self.tokenizer.merges_path}
+        if arch_file:
+            self.files["arch_file"] = str(arch_file)
 
     def settings(self) -> dict:
         size = self.arch["vision_cfg"]["image_size"]
@@ -254,8 +270,10 @@ class HPSv2Scorer:
             "version": self.version,
             **self.files,
             "arch": self.arch,
-            "definition": "HPSv2: cos(image_emb, text_emb) of the fine-tuned open_clip ViT-H-14 (hpsv2.score); "
-                          "benchmark protocol reports 100x",
+            "definition": ("HPSv2: cos(image_emb, text_emb) of the fine-tuned open_clip ViT-H-14 (hpsv2.score); "
+                           "benchmark protocol reports 100x") if "arch_file" not in self.files else
+                          (f"HPSv2's code path (cos(image_emb, text_emb)) with the open_clip model of "
+                           f"{self.files['arch_file']}, not HPSv2's weights: it measures what that model was trained for"),
             "preprocessing": {"resize_longer_side": size, "zero_pad_to": size, "resample":
                               "torch bicubic antialias on [0,1] float (open_clip ResizeMaxSize)",
                               "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},

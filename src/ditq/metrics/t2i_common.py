@@ -322,6 +322,25 @@ def read_bpe_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
     return merges
 
 
+def bpe_merge(parts: list[str], ranks: dict) -> list[str]:
+    """OpenAI CLIP's byte-pair merging of one word's symbols: the lowest-ranked adjacent pair first,
+    until no pair of `ranks` is left."""
+    while len(parts) > 1:
+        best = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, float("inf")))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
 class ClipBPETokenizer:
     """OpenAI CLIP's BPE tokenizer as open_clip (and so HPSv2) applies it.
 
@@ -368,21 +387,7 @@ class ClipBPETokenizer:
         cached = self._cache.get(word)
         if cached is not None:
             return cached
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            pairs = {(a, b) for a, b in zip(parts, parts[1:])}
-            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
-            if best not in self.ranks:
-                break
-            merged, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
+        parts = bpe_merge(list(word[:-1]) + [word[-1] + "</w>"], self.ranks)
         self._cache[word] = parts
         return parts
 

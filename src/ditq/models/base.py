@@ -13,6 +13,50 @@ import torch
 import torch.nn as nn
 
 
+def is_layer(mod: nn.Module) -> bool:
+    """nn.Linear / nn.Conv2d, or a ditq quantized layer standing in for one."""
+    return isinstance(mod, (nn.Linear, nn.Conv2d)) or getattr(type(mod), "wraps", None) in (nn.Linear, nn.Conv2d)
+
+
+def assign_roles(module: nn.Module, patterns, where: str) -> list["LayerInfo"]:
+    """LayerInfo of every layer of `module` by the first matching (regex, role) of `patterns`; a
+    pattern's first group, when it is a number, is the block index. A layer no pattern matches is an
+    error naming `where` (the patterns to extend), so a new architecture cannot skip layers silently."""
+    found = []
+    for name, mod in module.named_modules():
+        if not is_layer(mod):
+            continue
+        for pattern, role in patterns:
+            m = pattern.match(name)
+            if m:
+                first = m.group(1) if m.groups() else None
+                found.append(LayerInfo(name=name, role=role, block=int(first) if first and first.isdigit() else None))
+                break
+        else:
+            raise RuntimeError(f"layer {name} ({type(mod).__name__}) has no role; extend {where}")
+    return found
+
+
+def decode_uint8(x: torch.Tensor, vae, dtype: torch.dtype, vae_scale: float) -> torch.Tensor:
+    """Sampled variable -> uint8 images: through the VAE (latent models) or as pixels in [-1, 1]."""
+    if vae is not None:
+        x = vae.decode(x.to(dtype) / vae_scale).sample.float()
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def read_scheduler_config(root, default: dict) -> dict:
+    """`<root>/scheduler/scheduler_config.json` without diffusers' private keys, else `default`."""
+    import json
+    from pathlib import Path
+
+    if root is not None:
+        path = Path(root) / "scheduler" / "scheduler_config.json"
+        if path.is_file():
+            conf = json.loads(path.read_text())
+            return {k: v for k, v in conf.items() if not k.startswith("_")}
+    return dict(default)
+
+
 class MissingCheckpointError(FileNotFoundError):
     """Weights that are neither on disk nor reachable; the message says what to download and where."""
 
@@ -27,13 +71,54 @@ class LayerInfo:
 class ModelAdapter(ABC):
     denoiser: nn.Module
     latent_shape: tuple[int, int, int]  # (C, H, W) of the sampled variable
+    conditioning: str = "class"  # what `denoise`'s y indexes: "class" labels | "text" prompts | "none"
     num_classes: int
-    null_class: int  # label index of the unconditional (cfg) embedding
+    null_class: int  # label index of the unconditional (cfg) embedding (class models)
     cfg_channels: int | None  # guidance on the first k output channels (None: all)
+
+    @property
+    def null_index(self) -> int | None:
+        """The condition index of the unconditional branch (None: the model has none)."""
+        if self.conditioning == "text":
+            return -1
+        return getattr(self, "null_class", None) if self.conditioning == "class" else None
+
+    @property
+    def conditions(self):
+        """The run's `ditq.conditioning.Conditions` (seed -> condition index, index -> prompt/label).
+        Class and unconditional models have a default; a text model's prompt set comes from the
+        dataset (`set_conditions`, done by the pipeline)."""
+        c = getattr(self, "_conditions", None)
+        if c is not None:
+            return c
+        from ditq.conditioning import ClassConditions, NoConditions
+
+        if self.conditioning == "class":
+            return ClassConditions(self.num_classes, self.null_index)
+        if self.conditioning == "none":
+            return NoConditions()
+        raise RuntimeError(f"{type(self).__name__} is text-conditional and has no prompt set yet: "
+                           "adapter.set_conditions(ditq.data.prompts.build_conditions(dataset_cfg, adapter)) first")
+
+    def set_conditions(self, conditions) -> None:
+        if conditions.kind != self.conditioning:
+            raise ValueError(f"{type(self).__name__} takes {self.conditioning} conditions, not {conditions.kind} ones "
+                             "(the dataset's prompts/labels do not fit this model)")
+        self._conditions = conditions
+
+    # -- text-conditional models (conditioning == "text") ----------------------------------------
+    def text_encoder(self):
+        """The model's `ditq.conditioning.encoder.TextEncoder` (loaded on call; released by the caller)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a text-conditional model")
+
+    def set_text_bank(self, bank) -> None:
+        """The `TextBank` that `denoise` looks prompt indices up in."""
+        raise NotImplementedError(f"{type(self).__name__} is not a text-conditional model")
 
     @abstractmethod
     def denoise(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Noise prediction eps(x_t, t, y) with the shape of x (learned-variance channels dropped)."""
+        """Noise prediction eps(x_t, t, y) with the shape of x (learned-variance channels dropped);
+        y: condition indices [B] (`ditq.conditioning`: class labels, prompt indices, or zeros)."""
 
     @abstractmethod
     def layers(self) -> list[LayerInfo]:

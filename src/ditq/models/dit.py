@@ -6,8 +6,6 @@ hub layout of `facebook/DiT-XL-2-256` (transformer/, scheduler/, vae/).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from contextlib import contextmanager
@@ -16,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ditq.models.base import LayerInfo, MissingCheckpointError, ModelAdapter
+from ditq.models.base import (LayerInfo, MissingCheckpointError, ModelAdapter, assign_roles, decode_uint8,
+                              read_scheduler_config)
 
 # diffusers module paths -> roles. Every Linear/Conv2d of the model must match one.
 _ROLE_PATTERNS = [
@@ -43,11 +42,11 @@ SD_VAE_ARCH = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
 )
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @contextmanager
-def _quiet_diffusers():
+def quiet_diffusers():
     """diffusers' loading notices (no `accelerate`, dtype casts) are noise here; errors still raise."""
     from diffusers.utils import logging as dlog
 
@@ -96,7 +95,7 @@ def resolve_model_dir(cfg) -> Path | None:
         raise MissingCheckpointError(_download_hint(cfg, "Weights") + f" (hub said: {type(err).__name__})") from None
 
 
-def _file_fingerprint(path: Path) -> str:
+def file_fingerprint(path: Path) -> str:
     """sha256 of the file's whole content (memoised by path, size and times: see utils/filehash)."""
     from ditq.utils.filehash import file_sha256
 
@@ -133,7 +132,7 @@ class DiTAdapter(ModelAdapter):
 
         self.cfg = cfg
         self.device = torch.device(device)
-        self.dtype = _DTYPES[dtype]
+        self.dtype = DTYPES[dtype]
         self.root = resolve_model_dir(cfg)
         if self.root is None:
             torch.manual_seed(0)
@@ -144,7 +143,7 @@ class DiTAdapter(ModelAdapter):
                 block.norm1.emb.load_state_dict(first)
         else:
             try:
-                with _quiet_diffusers():
+                with quiet_diffusers():
                     self.transformer = DiTTransformer2DModel.from_pretrained(self.root, subfolder="transformer",
                                                                              torch_dtype=self.dtype)
             except (OSError, ValueError, RuntimeError) as err:
@@ -153,7 +152,7 @@ class DiTAdapter(ModelAdapter):
                     "The directory must hold diffusers' config.json and diffusion_pytorch_model.safetensors "
                     f"(as `huggingface-cli download {cfg.hub_id or 'facebook/DiT-XL-2-256'}` writes them)."
                 ) from None
-        with _quiet_diffusers():
+        with quiet_diffusers():
             self.transformer.to(self.device, self.dtype).eval().requires_grad_(False)
         if self.root is not None:
             check_finite_weights(self.transformer, "transformer", cfg, self.root / "transformer", self.dtype)
@@ -192,7 +191,7 @@ class DiTAdapter(ModelAdapter):
                     f"{' and the hub is offline' if hub_offline() else ''}. Download it with "
                     f"`huggingface-cli download {cfg.vae} --local-dir <dir>` and set model.vae=<dir>."
                 ) from None
-        with _quiet_diffusers():
+        with quiet_diffusers():
             vae = AutoencoderKL.from_pretrained(src, torch_dtype=self.dtype, **kw)
         vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
         check_finite_weights(vae, "VAE", cfg, Path(src) / kw.get("subfolder", ""), self.dtype)
@@ -208,35 +207,16 @@ class DiTAdapter(ModelAdapter):
         return out[:, : x.shape[1]].to(x.dtype)  # learned-sigma channels (DiT-XL/2) are not used
 
     def layers(self) -> list[LayerInfo]:
-        found = []
-        for name, mod in self.transformer.named_modules():
-            if not isinstance(mod, (nn.Linear, nn.Conv2d)):
-                continue
-            for pattern, role in _ROLE_PATTERNS:
-                m = pattern.match(name)
-                if m:
-                    block = int(m.group(1)) if m.groups() else None
-                    found.append(LayerInfo(name=name, role=role, block=block))
-                    break
-            else:
-                raise RuntimeError(f"DiT layer {name} ({type(mod).__name__}) has no role; extend _ROLE_PATTERNS")
-        return found
+        return assign_roles(self.transformer, _ROLE_PATTERNS, "ditq.models.dit._ROLE_PATTERNS")
 
     def blocks(self) -> list[nn.Module]:
         return list(self.transformer.transformer_blocks)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.vae is not None:
-            x = self.vae.decode(x.to(self.dtype) / self.cfg.vae_scale).sample.float()
-        return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return decode_uint8(x, self.vae, self.dtype, self.cfg.vae_scale)
 
     def scheduler_config(self) -> dict:
-        if self.root is not None:
-            path = self.root / "scheduler" / "scheduler_config.json"
-            if path.is_file():
-                conf = json.loads(path.read_text())
-                return {k: v for k, v in conf.items() if not k.startswith("_")}
-        return dict(DIT_SCHEDULE)
+        return read_scheduler_config(self.root, DIT_SCHEDULE)
 
     def fingerprint(self) -> dict:
         fp = {"family": "dit", "name": self.cfg.name, "dtype": str(self.dtype)}
@@ -249,7 +229,7 @@ class DiTAdapter(ModelAdapter):
             d = self.root / sub
             for p in sorted(d.glob("*")) if d.is_dir() else []:
                 if p.suffix in (".safetensors", ".bin", ".json"):
-                    files[f"{sub}/{p.name}"] = _file_fingerprint(p)
+                    files[f"{sub}/{p.name}"] = file_fingerprint(p)
         fp["files"] = files
         return fp
 

@@ -10,4 +10,12 @@ def load_adapter(cfg, device: str = "cpu", dtype: str = "float32") -> ModelAdapt
         from ditq.models.dit import DiTAdapter
 
         return DiTAdapter(cfg, device=device, dtype=dtype)
-    raise ValueError(f"model.family={family!r} is not known; choose one of: dit")
+    if family == "hunyuan":
+        from ditq.models.hunyuan import HunyuanDiTAdapter
+
+        return HunyuanDiTAdapter(cfg, device=device, dtype=dtype)
+    if family == "pixart":
+        from ditq.models.pixart import PixArtAdapter
+
+        return PixArtAdapter(cfg, device=device, dtype=dtype)
+    raise ValueError(f"model.family={family!r} is not known; choose one of: dit, hunyuan, pixart")

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from ditq.sampling.seeds import noise_for_seeds, step_generators
 
-# callback(step_index, t, x_t, y) sees the denoiser's input at every step (calibration uses it)
+# callback(step_index, t, x_t, y) sees the denoiser's input at every step (calibration uses it);
+# y: condition indices (ditq.conditioning: class labels, prompt indices or zeros)
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
@@ -58,7 +59,7 @@ class Sampler:
         s = self.cfg.cfg_scale
         if s == 1.0:
             return self.adapter.denoise(x, t, y)
-        null = torch.full_like(y, self.adapter.null_class)
+        null = self.adapter.conditions.null_like(y)  # GuidanceError for a model without one
         eps = self.adapter.denoise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         cond, uncond = eps.chunk(2)
         k = self.adapter.cfg_channels or x.shape[1]
@@ -92,7 +93,7 @@ class Sampler:
 
     def sample(self, seeds: list[int], labels: torch.Tensor, batch_size: int | None = None,
                callback: StepCallback | None = None, desc: str = "sampling", progress: bool = True) -> torch.Tensor:
-        """Final samples (model space, on CPU) for `seeds` with class `labels`, in seed order."""
+        """Final samples (model space, on CPU) for `seeds` with condition indices `labels`, in seed order."""
         bs = batch_size or self.cfg.batch_size
         out = []
         n_batches = (len(seeds) + bs - 1) // bs
