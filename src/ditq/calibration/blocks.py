@@ -66,6 +66,13 @@ class BlockRunner:
     @torch.no_grad()
     def capture(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, BlockCall]:
         """The first block's hidden-state input and its other arguments for denoiser input (x, t, y)."""
+        hidden, args, kwargs = self.capture_args(x, t, y)
+        call = BlockCall(args, kwargs, t.detach().cpu(), y.detach().cpu(), tuple(x.shape), x.dtype)
+        return hidden, call
+
+    def capture_args(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tuple, dict]:
+        """(first block's hidden input, its other positional args, its keyword args) for (x, t, y), in the
+        caller's grad mode (`capture` runs it without gradients; AdaRound differentiates the "pre" segment)."""
         got: dict[str, Any] = {}
 
         def hook(module, args, kwargs):
@@ -81,8 +88,7 @@ class BlockRunner:
             handle.remove()
         if "hidden" not in got:
             raise RuntimeError(f"{type(self.adapter).__name__}: the denoiser never called its first block")
-        call = BlockCall(got["args"], got["kwargs"], t.detach().cpu(), y.detach().cpu(), tuple(x.shape), x.dtype)
-        return got["hidden"], call
+        return got["hidden"], got["args"], got["kwargs"]
 
     @torch.no_grad()
     def run_block(self, k: int, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:

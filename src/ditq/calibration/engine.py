@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from ditq.quant.modules import full_precision  # noqa: F401  (re-exported: the engine's FP passes)
 from ditq.calibration.blocks import PRE, TAIL, BlockCall, BlockRunner, calibration_batches
 from ditq.calibration.stats import HessianAccumulator, LayerStats
 from ditq.quant.modules import layer_input
@@ -43,21 +44,6 @@ SegmentFn = Callable[[Any, list[str], LayerStats], None]
 
 def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-@contextmanager
-def full_precision(qlayers):
-    """The given quantized layers ({name: layer} or an iterable of layers) run as their FP layers
-    inside the block (quantizers bypassed); each layer's previous state is restored afterwards."""
-    modules = list(qlayers.values()) if isinstance(qlayers, dict) else list(qlayers)
-    prev = [m.quant_enabled for m in modules]
-    for m in modules:
-        m.quant_enabled = False
-    try:
-        yield
-    finally:
-        for m, p in zip(modules, prev):
-            m.quant_enabled = p
 
 
 class TensorStream:

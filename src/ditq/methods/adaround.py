@@ -40,29 +40,10 @@ log = logging.getLogger(__name__)
 __all__ = ["AdaRound", "RowSet", "capture_with_grad"]
 
 
-class _Stop(Exception):
-    """Raised inside the first block's pre-hook to stop the forward."""
-
-
 def capture_with_grad(runner, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
     """(first block's hidden input, its positional args, its keyword args) for (x, t, y), like
     `BlockRunner.capture` but differentiable (the "pre" segment's output)."""
-    got: dict[str, Any] = {}
-
-    def hook(module, args, kwargs):
-        got["hidden"], got["args"], got["kwargs"] = args[0], tuple(args[1:]), dict(kwargs)
-        raise _Stop
-
-    handle = runner.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        runner.adapter.denoise(x, t, y)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "hidden" not in got:
-        raise RuntimeError(f"{type(runner.adapter).__name__}: the denoiser never called its first block")
-    return got["hidden"], got["args"], got["kwargs"]
+    return runner.capture_args(x, t, y)
 
 
 def _gather(items: list, sizes: list[int], picks: list[torch.Tensor], device):

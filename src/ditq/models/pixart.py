@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ditq.conditioning.encoder import TextEncoder, TextEncoderMismatchError, warn_truncated
+from ditq.quant.modules import full_precision
 from ditq.models.base import (LayerInfo, MissingCheckpointError, ModelAdapter, assign_roles, decode_uint8,
                               is_layer, read_scheduler_config)
 from ditq.models.dit import (
@@ -519,19 +520,6 @@ class PixArtAdapter(ModelAdapter):
         return {n: "pre" for n, m in self.transformer.named_modules()
                 if is_layer(m) and n.startswith((_T_ONLY, _Y_ONLY))}
 
-    @contextmanager
-    def _fp(self, modules):
-        """Quantized layers among `modules` run as their FP layers (as the engine's stats pass runs them)."""
-        qs = [m for m in modules if hasattr(m, "quant_enabled")]
-        prev = [m.quant_enabled for m in qs]
-        for m in qs:
-            m.quant_enabled = False
-        try:
-            yield
-        finally:
-            for m, p in zip(qs, prev):
-                m.quant_enabled = p
-
     @torch.no_grad()
     def conditioning_inputs(self, segment, t: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """{layer: input rows} of the conditioning-only layers for the conditions (t[i], y[i]): one row per
@@ -550,7 +538,7 @@ class PixArtAdapter(ModelAdapter):
                     hooks.append(mod.register_forward_pre_hook(
                         lambda m, args, name=name: got.__setitem__(name, args[0].reshape(-1, args[0].shape[-1]))))
         try:
-            with self._fp(modules):
+            with full_precision([m for m in modules if hasattr(m, "quant_enabled")]):  # as the stats pass runs them
                 b = len(t)
                 tr.adaln_single(self._timesteps(t, b), self._added_cond(b, (1, 1, *self.latent_shape[1:])),
                                 batch_size=b, hidden_dtype=self.dtype)

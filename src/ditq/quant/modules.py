@@ -23,6 +23,7 @@ multiplies (the transformed input); calibration hooks record and accumulate that
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -229,3 +230,18 @@ class QuantConv2d(_QuantLayer):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, {self._quant_repr()}"
         )
+
+
+@contextmanager
+def full_precision(qlayers):
+    """The given quantized layers ({name: layer} or an iterable of layers) run as their FP layers
+    inside the block (quantizers bypassed); each layer's previous state is restored afterwards."""
+    modules = list(qlayers.values()) if isinstance(qlayers, dict) else list(qlayers)
+    prev = [m.quant_enabled for m in modules]
+    for m in modules:
+        m.quant_enabled = False
+    try:
+        yield
+    finally:
+        for m, p in zip(modules, prev):
+            m.quant_enabled = p
