@@ -28,6 +28,15 @@ def test_every_choice_of_every_group_validates(compose, group):
             overrides += ["dataset=hpsv2", "dataset.prompts=/data/hpsv2_prompts", "eval=t2i"]
         if group == "model" and choice == "tiny_pixart_digits":
             overrides += ["dataset=digits_captions", "eval=digits_t2i"]
+        unet_data = {"ddpm_cifar10_32": "cifar10", "ldm_celebahq_256": "celebahq",
+                     "ldm_lsun_bedroom_256": "lsun_bedroom", "ldm_lsun_church_256": "lsun_church"}
+        if group == "model" and choice == "tiny_unet_digits":  # unconditional: no labels, no guidance
+            overrides += ["eval=digits_uncond", "sampler.cfg_scale=1.0"]
+        if group == "model" and choice in unet_data:
+            overrides += [f"dataset={unet_data[choice]}", "eval=adm", "sampler.cfg_scale=1.0"]
+        if group == "dataset" and choice in unet_data.values():
+            model = {v: k for k, v in unet_data.items()}[choice]
+            overrides += [f"model={model}", "eval=adm", "sampler.cfg_scale=1.0"]
         if group == "dataset" and choice in ("digits_captions", "coco_captions", "hpsv2"):
             overrides += ["model=tiny_pixart_digits", "eval=digits_t2i"]
             if choice != "digits_captions":

@@ -32,7 +32,7 @@ DIT256 = ["model=dit_xl_256", "dataset=imagenet"]
     (["eval.seed_start=-1"], "eval.seed_start"),
     (["eval.metrics=[]"], "eval.metrics"),
     (["eval.metrics=[fid,cls_acc,fid]"], "eval.metrics"),
-    (["model.family=unet"], "model.family"),
+    (["model.family=mmdit"], "model.family"),
     (["++model.dtype=int8"], "model.dtype"),
     (["++model.vae_scale=0"], "model.vae_scale"),
     (["model.cfg_channels=0"], "model.cfg_channels"),

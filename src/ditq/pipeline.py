@@ -363,7 +363,9 @@ def run(run, output_dir: str | Path, sweep_dir: str | None = None, job_num: int 
             atomic_write_text(output_dir / "prompts.txt", "".join(p.replace("\n", " ") + "\n"
                                                                 for p in conditions.prompts(labels)))
 
-    total_bits = adapter.parameter_bits(bits_of)
+    from ditq.quant.lora import declared_storage_bits  # modules added by steps (TALoRA) at their storage bits
+
+    total_bits = adapter.parameter_bits({**bits_of, **declared_storage_bits(adapter.denoiser)})
     row: dict[str, Any] = {
         "run_name": run.run_name,
         "experiment": run.experiment,

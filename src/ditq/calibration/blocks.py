@@ -49,6 +49,11 @@ class BlockRunner:
 
     def __init__(self, adapter):
         self.adapter = adapter
+        if not getattr(adapter, "is_chain", True):
+            raise TypeError(
+                f"{type(adapter).__name__} is not a chain of blocks (its skip connections carry state between "
+                "segments): run it through adapter.block_runner()"
+            )
         self.blocks: list[nn.Module] = list(adapter.blocks())
         if not self.blocks:
             raise TypeError(
@@ -90,15 +95,23 @@ class BlockRunner:
             raise RuntimeError(f"{type(self.adapter).__name__}: the denoiser never called its first block")
         return got["hidden"], got["args"], got["kwargs"]
 
-    @torch.no_grad()
-    def run_block(self, k: int, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+    def block_forward(self, k: int, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+        """Block k on `hidden`, in the caller's grad mode (AdaRound differentiates it)."""
         out = self.blocks[k](hidden, *call.args, **call.kwargs)
         return out[0] if isinstance(out, tuple) else out
+
+    def tail_forward(self, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+        """The "tail" segment in the caller's grad mode."""
+        return self.adapter.block_tail(hidden, call)
+
+    @torch.no_grad()
+    def run_block(self, k: int, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+        return self.block_forward(k, hidden, call)
 
     @torch.no_grad()
     def finish(self, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
         """The denoiser's output (as `adapter.denoise` returns it) from the last block's output."""
-        return self.adapter.block_tail(hidden, call)
+        return self.tail_forward(hidden, call)
 
     @torch.no_grad()
     def replay(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,14 @@ class TensorStream:
         self.bytes_in_memory = 0
         self.spilled = 0
 
-    def append(self, t: torch.Tensor) -> None:
+    def append(self, t) -> None:
+        """A tensor, or a tuple of tensors (a U-Net's state: hidden states and skip stack)."""
+        if isinstance(t, tuple):
+            self.items.append(tuple(self._store(x) for x in t))
+        else:
+            self.items.append(self._store(t))
+
+    def _store(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
         nbytes = t.numel() * t.element_size()
         if self.bytes_in_memory + nbytes > self.budget:
@@ -67,12 +74,12 @@ class TensorStream:
             self.spilled += 1
         else:
             self.bytes_in_memory += nbytes
-        self.items.append(t)
+        return t
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int):
         return self.items[i]
 
 
@@ -83,7 +90,7 @@ class BlockwiseEngine:
                  grid_batch: int = 4096, io_budget_mb: float = 2048, spill_root: str | Path | None = None,
                  progress: bool = True, desc: str = "calibration"):
         self.adapter = adapter
-        self.runner = BlockRunner(adapter)
+        self.runner = adapter.block_runner()
         self.qlayers = qlayers
         self.records = records
         self.include_uncond = include_uncond

@@ -14,15 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 from ditq.config.schema import ConfigError, quantizer_config
 from ditq.config.schema import _check_choice as _choice
 
-MODEL_FAMILIES = ("dit", "hunyuan", "pixart")  # ditq.models.registry.load_adapter
+MODEL_FAMILIES = ("dit", "hunyuan", "pixart", "unet")  # ditq.models.registry.load_adapter
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
-IMAGE_DATASET_KINDS = ("digits", "imagenet", "coco")  # class-conditional / unconditional models
+IMAGE_DATASET_KINDS = ("digits", "imagenet", "coco", "images")  # class-conditional / unconditional models (images: a reference .npz of real images)
 PROMPT_DATASET_KINDS = ("digits_captions", "coco_captions", "hpsv2", "prompts")  # text models (ditq.data.prompts)
 DIGITS_REFERENCE_KINDS = ("digits", "digits_captions")  # scored against the bundled real digits
 DATASET_KINDS = IMAGE_DATASET_KINDS + PROMPT_DATASET_KINDS
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")  # = ditq.metrics.hps.HPS_STYLES (torch-free copy)
 # what each family's adapter is conditioned on (its `conditioning`), to pair models and datasets before loading
-FAMILY_CONDITIONING = {"dit": "class", "pixart": "text", "hunyuan": "text"}
+FAMILY_CONDITIONING = {"dit": "class", "pixart": "text", "hunyuan": "text", "unet": "none"}
 # diffusers' DDIM/DDPM/DPM-Solver schedulers accept these spacings
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 # diffusers' DPMSolverMultistepScheduler algorithm types without step noise; the SDE variants
@@ -102,6 +102,9 @@ def _check_model(run: DictConfig) -> None:
         _check_image_side(m, arch)
     if m.family == "hunyuan":
         _check_hunyuan_arch(m, arch)
+    if m.family == "unet" and m.vae and not dict(m.vae_arch):
+        _fail(f"model.weights=random for the latent U-Net '{m.name}' needs model.vae_arch (the autoencoder's "
+              "constructor arguments, `_class: VQModel | AutoencoderKL`)")
 
 
 def _check_image_side(m, arch: dict) -> None:
@@ -283,7 +286,18 @@ def _check_dataset(run: DictConfig) -> None:
         _fail(f"dataset={d.name} (kind {d.kind}) is a prompt dataset and model={m.name} is class-conditional "
               f"(family {m.family}); use dataset=digits for tiny_dit_digits, dataset=imagenet for dit_xl_*, or a "
               "text-to-image model with this dataset")
-    if d.kind in IMAGE_DATASET_KINDS + ("digits_captions",) and d.num_classes != m.num_classes:  # datasets with classes
+    if conditioning == "none":  # unconditional (U-Nets): an image dataset; no labels to score against
+        if d.kind in PROMPT_DATASET_KINDS:
+            _fail(f"dataset={d.name} (kind {d.kind}) is a prompt dataset and model={m.name} is unconditional "
+                  f"(family {m.family}); use an image dataset, e.g. dataset=digits for tiny_unet_digits")
+        if "cls_acc" in run.eval.metrics:
+            _fail(f"eval.metrics has cls_acc, and model={m.name} is unconditional (its samples ask for no class); "
+                  "drop cls_acc, e.g. eval=digits_uncond for tiny_unet_digits")
+        if run.sampler.cfg_scale != 1.0:
+            _fail(f"sampler.cfg_scale={run.sampler.cfg_scale} asks classifier-free guidance of model={m.name}, which "
+                  "is unconditional (no null condition to guide against); set sampler.cfg_scale=1.0, e.g. "
+                  "sampler=ddim25_uncond")
+    elif d.kind in IMAGE_DATASET_KINDS + ("digits_captions",) and d.num_classes != m.num_classes:  # datasets with classes
         _fail(f"dataset.num_classes={d.num_classes} (dataset={d.name}) does not match model.num_classes="
               f"{m.num_classes} (model={m.name}): the model is scored against another dataset than it "
               "generates; pick the dataset of this model (e.g. dataset=digits for tiny_dit_digits, "

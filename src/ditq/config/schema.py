@@ -51,6 +51,7 @@ class ModelConfig:
     num_classes: int = 10
     vae: Optional[str] = None  # null: pixel space; else a subfolder of `path` (e.g. "vae") or a hub id
     vae_scale: float = 0.18215
+    vae_arch: Dict[str, Any] = field(default_factory=dict)  # weights=random: the autoencoder's kwargs (`_class`: VQModel | AutoencoderKL)
     cfg_channels: Optional[int] = None  # guidance on the first k output channels (original DiT: 3); null = all
     clip_sample: bool = False  # clamp predicted x0 to [-1, 1] (pixel-space models)
     dtype: str = "float32"

@@ -101,11 +101,9 @@ class AdaRound(Step):
     name = "adaround"
 
     def check_plan(self, run, adapter, plan) -> None:
-        """Before any sampling: a chain of blocks (else no block reconstruction), and weights to round:
+        """Before any sampling: a segment runner (else no block reconstruction), and weights to round:
         every layer of the roles AdaRound targets must have a quantized weight."""
-        from ditq.calibration.blocks import BlockRunner
-
-        BlockRunner(adapter)
+        adapter.block_runner()
         if plan is None:
             return
         roles = self.options.roles
@@ -151,7 +149,7 @@ class AdaRound(Step):
         return targets
 
     def apply(self, ctx: QuantContext) -> None:
-        from ditq.calibration.blocks import PRE, TAIL, BlockRunner, calibration_batches
+        from ditq.calibration.blocks import PRE, TAIL, calibration_batches
         from ditq.calibration.engine import TensorStream, full_precision
 
         o = self.options
@@ -159,7 +157,7 @@ class AdaRound(Step):
         records = ctx.calib_records()
         run, adapter = ctx.run, ctx.adapter
         include_uncond = bool(run.calib.include_uncond and run.sampler.cfg_scale > 1)
-        runner = BlockRunner(adapter)
+        runner = adapter.block_runner()
         segments = runner.segment_layers(list(ctx.qlayers))
         batches = list(calibration_batches(records, adapter.null_index, include_uncond, o.pass_batch_size))
         sizes = [len(b[0]) for b in batches]
@@ -236,10 +234,9 @@ class AdaRound(Step):
                     inputs = RowSet(lambda j: (stream[j], calls[j]), sizes, device)
                     block = runner.blocks[k]
 
-                    def forward(rows, block=block, inputs=inputs):
+                    def forward(rows, k=k, inputs=inputs):
                         h, call = inputs.gather(rows)
-                        out = block(h, *call.args, **call.kwargs)
-                        return out[0] if isinstance(out, tuple) else out
+                        return runner.block_forward(k, h, call)
 
                     reconstruct(k, names, forward, RowSet(lambda j, tgt=tgt: tgt[j], sizes, device), [block])
                     del tgt
@@ -258,7 +255,7 @@ class AdaRound(Step):
 
                 def forward_tail(rows):
                     h, call = inputs.gather(rows)
-                    return adapter.block_tail(h, call)
+                    return runner.tail_forward(h, call)
 
                 reconstruct(TAIL, names, forward_tail, RowSet(lambda j: tgt[j], sizes, device), [adapter.denoiser])
             bar.update(1)

@@ -145,6 +145,9 @@ class _Configs:
         return self._memo[key]
 
 
+CandidateConfigs = _Configs  # the public name other candidate searches use (ditq.methods.mixup_sign)
+
+
 # ----------------------------------------------------------------------------- errors
 def spaced_rows(rows: torch.Tensor, max_rows: int | None) -> torch.Tensor:
     """At most `max_rows` evenly spaced rows of `rows` (all when None or fewer), float32."""

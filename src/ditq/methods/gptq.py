@@ -35,11 +35,9 @@ class GPTQ(Step):
     name = "gptq"
 
     def check_plan(self, run, adapter, plan) -> None:
-        """Block-wise calibration needs a chain of blocks: a model without one (Hunyuan-DiT's long
-        skips, U-Nets) is refused here, before any sampling."""
-        from ditq.calibration.blocks import BlockRunner
-
-        BlockRunner(adapter)
+        """Block-wise calibration needs a segment runner (a chain of blocks, or the U-Net's runner with
+        its skip stack): a model without one (Hunyuan-DiT's long skips) is refused here, before any sampling."""
+        adapter.block_runner()
 
     def apply(self, ctx: QuantContext) -> None:
         from ditq.calibration.engine import BlockwiseEngine

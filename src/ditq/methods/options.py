@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 
 @dataclass
@@ -264,5 +264,148 @@ class FormatSelectOptions:
         if self.weight_error not in FORMAT_SELECT_ERRORS:
             raise ValueError(f"weight_error={self.weight_error!r}; choose one of {', '.join(FORMAT_SELECT_ERRORS)} "
                              "(mse: weight error; output: layer output error on calibration inputs)")
+        if self.max_rows is not None and (isinstance(self.max_rows, bool) or self.max_rows < 1):
+            raise ValueError(f"max_rows={self.max_rows} must be >= 1 or null (every recorded row)")
+
+
+TALORA_ROUTERS = ("learned", "fixed")  # ditq.quant.lora.Router
+TALORA_ROUTER_INITS = ("partition", "random")
+TALORA_LORA_INPUTS = ("quantized", "fp")
+
+
+@dataclass
+class TALoRAOptions:
+    """MSFP's timestep-aware LoRA fine-tuning with the denoising-factor loss (ditq.methods.talora):
+    `branches` LoRA branches of rank `rank` on every quantized layer, one chosen per timestep by a router,
+    trained against the FP model's outputs on the calibration records, loss weighted by |gamma_t|^dfa_power.
+
+    Defaults (the abstract states none): 4 branches of rank 4 (the 25-step samplers give each branch about
+    6 timesteps; a rank-4 branch adds 8% of the embedded U-Net's and 4.5% of the embedded DiT's parameter
+    count, ~0.5% per rank on 256-channel convs; all K branches are stored, at 16 bits, and counted in the
+    model size; EfficientDM uses larger ranks on real U-Nets: set rank for them); a learned router initialised to the fixed
+    partition (it starts from the split a fixed router would use and only moves timesteps when the loss says
+    so); DFA on with power 1 (the loss scaled by gamma_t as the method states; 2 makes the weighted MSE the
+    squared error reaching the next sample, which puts ~500x more weight on the first steps than the last);
+    LoRA read the quantized input (what the deployed layer has) and are stored in 16 bits; Adam lr 1e-3
+    (EfficientDM: 5e-4 with far more iterations); 300 iterations of 16 rows keep the embedded models' fine-tuning
+    within minutes on a CPU."""
+
+    branches: int = 4  # K (1: plain LoRA, EfficientDM's fine-tuning)
+    rank: int = 4  # r of every branch
+    alpha: Optional[float] = None  # scale alpha / r (null: alpha = r, scale 1)
+    router: str = "learned"  # learned (STE) | fixed (contiguous equal-count intervals of the sampler's timesteps)
+    router_init: str = "partition"  # learned router: fitted to the fixed partition first | random
+    router_embed_dim: int = 64  # sinusoidal timestep embedding width
+    router_hidden: int = 64  # MLP hidden width
+    router_temperature: float = 1.0  # softmax temperature of the straight-through gradient
+    router_lr: Optional[float] = None  # null: lr
+    lora_input: str = "quantized"  # quantized: after the activation quantizer (deployed) | fp: before it
+    lora_bits: int = 16  # storage bits of LoRA / router weights (16: rounded to fp16 after training) | 32
+    dfa: bool = True  # weight the loss at t by |gamma_t|^dfa_power (false: unweighted MSE)
+    dfa_power: float = 1.0
+    iters: int = 300
+    batch_size: int = 16  # calibration rows per iteration
+    lr: float = 1e-3  # Adam on the LoRA weights
+    seed: int = 0  # LoRA init and row sampling
+    pass_batch_size: int = 32  # rows per forward of the FP-target and evaluation passes
+    checkpoint_every: int = 100  # iterations between checkpoints (0: none)
+    checkpoint: Optional[str] = None  # explicit checkpoint file (null: <cache_dir>/block_io/talora/<spec key>/)
+    log_every: int = 50  # loss curve points recorded in the row (0: first / last only)
+
+    def check(self) -> None:
+        def pos_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+
+        for name in ("branches", "rank", "router_embed_dim", "router_hidden", "iters", "batch_size",
+                     "pass_batch_size"):
+            pos_int(name)
+        if self.router_embed_dim % 2:
+            raise ValueError(f"router_embed_dim={self.router_embed_dim} must be even (cos and sin halves)")
+        if self.router not in TALORA_ROUTERS:
+            raise ValueError(f"router={self.router!r}; choose one of {', '.join(TALORA_ROUTERS)}")
+        if self.router_init not in TALORA_ROUTER_INITS:
+            raise ValueError(f"router_init={self.router_init!r}; choose one of {', '.join(TALORA_ROUTER_INITS)}")
+        if self.lora_input not in TALORA_LORA_INPUTS:
+            raise ValueError(f"lora_input={self.lora_input!r}; choose one of {', '.join(TALORA_LORA_INPUTS)}")
+        if self.lora_bits not in (16, 32):
+            raise ValueError(f"lora_bits={self.lora_bits}; choose 16 (fp16 storage) or 32")
+        for name in ("lr", "router_temperature"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}={v} must be a positive number")
+        if self.router_lr is not None and not (math.isfinite(self.router_lr) and self.router_lr > 0):
+            raise ValueError(f"router_lr={self.router_lr} must be a positive number or null (= lr)")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha={self.alpha} must be a positive number or null (= rank)")
+        if not (math.isfinite(self.dfa_power) and self.dfa_power >= 0):
+            raise ValueError(f"dfa_power={self.dfa_power} must be >= 0 (1: the loss scaled by gamma_t)")
+        if self.checkpoint_every < 0 or self.log_every < 0:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} and log_every={self.log_every} must be >= 0")
+
+
+MIXUP_SIGN_RULES = ("neg_ratio", "neg_mass", "both")  # ditq.methods.mixup_sign.is_anomalous
+MIXUP_SIGN_ERRORS = ("mse", "output")
+
+
+@dataclass
+class MixupSignOptions:
+    """MSFP's mixup-sign FP (ditq.methods.mixup_sign): anomalous-activation layers (AALs, a squeezed
+    negative input side, e.g. after SiLU / GELU) get unsigned FP with a zero point on their inputs, the
+    others signed FP; the ExMy split (and the AALs' zero point) of every layer searched by calibration MSE."""
+
+    rule: str = "neg_ratio"  # AAL test: neg_ratio < threshold | neg_mass < mass_threshold | both
+    threshold: float = 0.3  # neg_ratio = |min(x, 0)| / max|x| (exact ranges); SiLU: 0.278 / max, GELU 0.17 / max
+    mass_threshold: float = 0.25  # neg_mass = sum |x| over x < 0 / sum |x| (rows); symmetric data: 0.5
+    allow_unsigned: bool = True  # false: signed FP everywhere, same split search (the signed-only ablation)
+    force_unsigned: bool = False  # AALs take unsigned FP even when signed FP has the lower calibration MSE
+    unsigned_max_neg_ratio: float = 0.5  # forced unsigned (force_unsigned, or a ufp act format) on a larger one: error
+    splits: Any = "auto"  # exponent bits tried: auto (every ExMy split ditq builds for the width) or e.g. [2, 3]
+    clip_ratios: List[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5])  # act range kept
+    zero_point_ratios: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.0])  # of min(x, 0)
+    search_weights: bool = True  # the weights' signed FP split searched too (else they keep the bits' format)
+    weight_clip_ratios: List[float] = field(default_factory=lambda: [1.0])
+    weight_error: str = "mse"  # mse: ||Q(W) - W||^2 | output: tr(dW H dW^T) on calibration rows (linear layers)
+    max_rows: Optional[int] = 2048  # calibration rows per layer scored (evenly spaced); null: all recorded
+
+    def check(self) -> None:
+        hint = "set it in the mixup_sign entry of method.steps, e.g. method.steps.0."
+        if self.rule not in MIXUP_SIGN_RULES:
+            raise ValueError(f"rule={self.rule!r}; choose one of {', '.join(MIXUP_SIGN_RULES)} (neg_ratio: "
+                             "|min| / max|x| below threshold; neg_mass: negative share of sum |x| below "
+                             "mass_threshold; both: the two at once)")
+        for key, value, hi in (("threshold", self.threshold, 1.0), ("mass_threshold", self.mass_threshold, 0.5),
+                               ("unsigned_max_neg_ratio", self.unsigned_max_neg_ratio, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= hi:
+                raise ValueError(f"{key}={value!r} must lie in (0, {hi:g}]; {hint}{key}=...")
+        if self.force_unsigned and not self.allow_unsigned:
+            raise ValueError("force_unsigned=true with allow_unsigned=false: the first asks every AAL to take "
+                             "unsigned FP, the second forbids it; drop one of them")
+        if isinstance(self.splits, str):
+            if self.splits != "auto":
+                raise ValueError(f"splits={self.splits!r}; use auto (every ExMy split of the width) or a list of "
+                                 f"exponent bit counts, e.g. [2, 3]; {hint}splits=auto")
+        else:
+            splits = list(self.splits) if isinstance(self.splits, (list, tuple)) else None
+            if not splits or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in splits):
+                raise ValueError(f"splits={self.splits!r} must be auto or a non-empty list of exponent bit counts "
+                                 "(ints >= 1), e.g. [1, 2, 3]")
+            if len(set(splits)) != len(splits):
+                raise ValueError(f"splits={splits} lists an exponent width twice")
+        for key, ratios, lo_open in (("clip_ratios", self.clip_ratios, True),
+                                     ("weight_clip_ratios", self.weight_clip_ratios, True),
+                                     ("zero_point_ratios", self.zero_point_ratios, False)):
+            if not ratios:
+                raise ValueError(f"{key} is empty; use [1.0] for no search; {hint}{key}=[1.0]")
+            for r in ratios:
+                ok = not isinstance(r, bool) and isinstance(r, (int, float)) and (
+                    0.0 < float(r) <= 1.0 if lo_open else 0.0 <= float(r) <= 1.0)
+                if not ok:
+                    raise ValueError(f"{key}: {r!r} must lie in {'(0' if lo_open else '[0'}, 1]")
+            if len(set(ratios)) != len(ratios):
+                raise ValueError(f"{key}={list(ratios)} lists a ratio twice")
+        if self.weight_error not in MIXUP_SIGN_ERRORS:
+            raise ValueError(f"weight_error={self.weight_error!r}; choose one of {', '.join(MIXUP_SIGN_ERRORS)}")
         if self.max_rows is not None and (isinstance(self.max_rows, bool) or self.max_rows < 1):
             raise ValueError(f"max_rows={self.max_rows} must be >= 1 or null (every recorded row)")

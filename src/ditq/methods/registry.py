@@ -24,6 +24,8 @@ STEPS: dict[str, tuple[type, str]] = {
     "group_search": (opt.GroupSearchOptions, "ditq.methods.group_search:GroupSearch"),
     "group_allocation": (opt.GroupAllocationOptions, "ditq.methods.allocation:GroupAllocation"),
     "format_select": (opt.FormatSelectOptions, "ditq.methods.format_select:FormatSelect"),
+    "talora": (opt.TALoRAOptions, "ditq.methods.talora:TALoRA"),
+    "mixup_sign": (opt.MixupSignOptions, "ditq.methods.mixup_sign:MixupSign"),
 }
 
 

@@ -17,6 +17,7 @@ from ditq.paths import ASSETS_DIR
 
 DEFAULT_WEIGHTS = ASSETS_DIR / "digits_classifier.pt"
 FEATURE_DIM = 64
+SPATIAL_CHANNELS = 7  # as ADM's sFID keeps 7 channels of Inception's mixed_6/conv
 
 
 class DigitsClassifier(nn.Module):
@@ -30,10 +31,15 @@ class DigitsClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """64-d features (the FID space)."""
+        return self.features_and_spatial(x)[0]
+
+    def features_and_spatial(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(64-d features, spatial features): the spatial ones are the first 7 channels of the second
+        conv's 8x8 map (448-d), the embedded analogue of sFID's Inception mixed_6/conv[..., :7]."""
         h = F.gelu(self.conv1(x))
-        h = F.max_pool2d(F.gelu(self.conv2(h)), 2)
-        h = F.gelu(self.conv3(h))
-        return F.gelu(self.fc(h.flatten(1)))
+        mid = F.gelu(self.conv2(h))
+        h = F.gelu(self.conv3(F.max_pool2d(mid, 2)))
+        return F.gelu(self.fc(h.flatten(1))), mid[:, :SPATIAL_CHANNELS].flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -173,7 +173,7 @@ class TorchmetricsSpace(InceptionSpace):
 
 class DigitsSpace(FeatureSpace):
     name = "digits"
-    outputs = ("pool", "logits")
+    outputs = ("pool", "spatial", "logits")
 
     def __init__(self, weights_path=None, device: str = "cpu"):
         super().__init__(device)
@@ -199,8 +199,8 @@ class DigitsSpace(FeatureSpace):
     def _run(self, batch):
         from ditq.data.digits import from_uint8
 
-        feats = self.net.features(from_uint8(batch).to(self.device))
-        return {"pool": feats, "logits": self.net.head(feats)}
+        feats, spatial = self.net.features_and_spatial(from_uint8(batch).to(self.device))
+        return {"pool": feats, "spatial": spatial, "logits": self.net.head(feats)}
 
     def settings(self) -> dict:
         return {"network": "ditq digits classifier", "weights_file": self.path.name, "input": "1x8x8, x/127.5-1"}

@@ -19,8 +19,9 @@ class MetricInfo:
 METRICS: dict[str, MetricInfo] = {
     "fid": MetricInfo("Frechet distance to the reference, pool features", needs_reference=True, outputs=("pool",),
                       min_samples=2),
-    "sfid": MetricInfo("Frechet distance to the reference, Inception mixed_6/conv[..., :7] features",
-                       needs_reference=True, outputs=("spatial",), feature_nets=("inception",), min_samples=2),
+    "sfid": MetricInfo("Frechet distance to the reference, spatial features (Inception mixed_6/conv[..., :7]; "
+                       "digits: 7 channels of the classifier's second conv)",
+                       needs_reference=True, outputs=("spatial",), feature_nets=("inception", "digits"), min_samples=2),
     "is": MetricInfo("Inception Score, consecutive splits", outputs=("logits",)),
     "precision": MetricInfo("fraction of samples inside the reference's k-NN manifold", needs_reference=True,
                             outputs=("pool",)),

@@ -140,6 +140,13 @@ class ModelAdapter(ABC):
         """The denoiser's transformer blocks in order (for block-wise calibration)."""
         return []
 
+    def block_runner(self):
+        """The segment-by-segment runner of the block-wise engine and AdaRound: `BlockRunner` for a
+        chain of blocks; a model that is not a chain (U-Net skip stacks) returns its own."""
+        from ditq.calibration.blocks import BlockRunner
+
+        return BlockRunner(self)
+
     # -- block-wise calibration (ditq.calibration.blocks); a chain-structured model implements these
     def pre_block_layers(self) -> list[str]:
         """Layers outside the blocks that run before the first block (e.g. the patch embedding)."""

@@ -18,4 +18,8 @@ def load_adapter(cfg, device: str = "cpu", dtype: str = "float32") -> ModelAdapt
         from ditq.models.pixart import PixArtAdapter
 
         return PixArtAdapter(cfg, device=device, dtype=dtype)
-    raise ValueError(f"model.family={family!r} is not known; choose one of: dit, hunyuan, pixart")
+    if family == "unet":
+        from ditq.models.unet import UNetAdapter
+
+        return UNetAdapter(cfg, device=device, dtype=dtype)
+    raise ValueError(f"model.family={family!r} is not known; choose one of: dit, hunyuan, pixart, unet")

@@ -82,6 +82,9 @@ class _QuantLayer(nn.Module):
         self.register_buffer("w_hat", None, persistent=False)  # filled at first use (lazy: no fit here)
         self.register_buffer("weight_source", None)  # values to round instead of `weight` (set_weight_source)
         self.input_transform: Optional[nn.Module] = None  # channel transform of the input (module doc)
+        # output branch (e.g. ditq.quant.lora.LoRABranch): while quantized, forward adds branch(x, x_q), x the
+        # transformed input, x_q the same after the activation quantizer; None: no branch
+        self.register_module("branch", None)
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @torch.no_grad()
@@ -176,7 +179,10 @@ class QuantLinear(_QuantLayer):
         self._init_quant(linear, weight_quantizer, act_quantizer, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(self.transform_input(x)), self.quantized_weight(), self.bias)
+        x = self.transform_input(x)
+        x_q = self.quantize_input(x)
+        out = F.linear(x_q, self.quantized_weight(), self.bias)
+        return out if self.branch is None or not self.quant_enabled else out + self.branch(x, x_q)
 
     def extra_repr(self) -> str:
         return (
@@ -220,10 +226,10 @@ class QuantConv2d(_QuantLayer):
         return self.act_quantizer(x.movedim(1, -1)).movedim(-1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(
-            self.quantize_input(self.transform_input(x)), self.quantized_weight(), self.bias,
-            self.stride, self.padding, self.dilation, self.groups,
-        )
+        x = self.transform_input(x)
+        x_q = self.quantize_input(x)
+        out = F.conv2d(x_q, self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return out if self.branch is None or not self.quant_enabled else out + self.branch(x, x_q)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,130 @@
+"""Train the embedded unconditional U-Net on scikit-learn's digits (pixel space, 8x8).
+
+    python -m ditq.train.tiny_unet [--steps 8000] [--out src/ditq/assets/tiny_unet_digits]
+
+The model is diffusers' `UNet2DModel` (the class DDPM CIFAR-10 and the latent-diffusion U-Nets
+load into) at a small width: channels (32, 64, 64), one ResNet per level, self-attention at 4x4 as
+DDPM's CIFAR-10 model has it at 16x16, GroupNorm + SiLU in front of every convolution (the inputs
+MSFP calls anomalous), sinusoidal timestep embedding. It is unconditional: the digits' labels are
+not used. Saved in the layout of the hub's `CompVis/ldm-celebahq-256` (`unet/`, `scheduler/`), so
+the embedded model and the real ones load through the same code.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ditq.data.digits import load_digits_tensors
+from ditq.paths import ASSETS_DIR
+from ditq.train.tiny_dit import SCHEDULE, ema_update
+
+DEFAULT_OUT = ASSETS_DIR / "tiny_unet_digits"
+
+ARCH = dict(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+    attention_head_dim=32,
+    act_fn="silu",
+    time_embedding_type="positional",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+)
+
+
+def build_model():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**ARCH)
+
+
+def save(model, out: Path, meta: dict) -> None:
+    from diffusers import DDIMScheduler
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "unet")
+    DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False).save_pretrained(out / "scheduler")
+    (out / "train_meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    images, _ = load_digits_tensors()
+    model = build_model().train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"tiny U-Net: {n_params / 1e6:.3f}M parameters")
+
+    betas = torch.linspace(SCHEDULE["beta_start"], SCHEDULE["beta_end"], SCHEDULE["num_train_timesteps"], dtype=torch.float64)
+    alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = 200
+
+    out = Path(args.out)
+    t0 = time.time()
+    running = None
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
+        x0 = images[idx]
+        t = torch.randint(0, SCHEDULE["num_train_timesteps"], (args.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = F.mse_loss(model(xt, t).sample, noise)
+        lr = args.lr * min(1.0, step / warmup) * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(step / args.steps * torch.pi))).item())
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 100 == 0:
+            el = time.time() - t0
+            print(f"step {step}/{args.steps}  loss {running:.4f}  {el:.0f}s  ({el / step:.3f}s/step)", flush=True)
+        if step % args.save_every == 0 or step == args.steps:
+            meta = {
+                "arch": ARCH,
+                "schedule": SCHEDULE,
+                "steps": step,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "lr_schedule": "linear warm-up 200, cosine to 0.1x",
+                "ema": args.ema,
+                "seed": args.seed,
+                "final_loss_ema": running,
+                "train_seconds": round(time.time() - t0, 1),
+                "torch": torch.__version__,
+            }
+            save(ema, out, meta)
+    print(f"saved {out} after {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
