@@ -62,3 +62,18 @@ def test_unet_adaround_reconstructs_through_the_skip_stack(compose, paths, tmp_p
                        tmp_path / "ada")
     segs = ada["diagnostics"]["adaround"]["segments"]
     assert {"0", "3", "6"} <= set(segs)  # a down block, the mid block, an up block (skip inputs)
+
+
+def test_conv_weight_groups_must_hold_whole_input_channels():
+    from ditq.methods.plan import LayerPlan, group_problems
+    from ditq.quant.spec import QuantizerConfig
+
+    def lp(g):
+        return LayerPlan(role="conv", shape=None, weight=QuantizerConfig(format="int4", granularity="per_group", group_size=g))
+
+    shape = (64, 32, 3, 3)  # 32 channels x 9 taps = 288 columns
+    assert group_problems("c", lp(72), shape) == []  # 8 whole channels
+    (msg,) = group_problems("c", lp(64), shape)
+    assert "multiple of 9" in msg and "63 or 72" in msg
+    assert group_problems("c", lp(16), (64, 32, 1, 1)) == []  # 1x1 convs: any size, as linears
+    assert group_problems("lin", lp(64), (64, 128)) == []

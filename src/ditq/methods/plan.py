@@ -571,8 +571,21 @@ class QuantPlan:
 
 
 def group_problems(name: str, lp: LayerPlan, shape) -> list[str]:
-    """Group sizes larger than the layer's width (weight: input width; act: input channels)."""
+    """Group sizes larger than the layer's width (weight: input width; act: input channels), and the
+    convolutions' rule: a weight group runs along the flattened (input channel, kernel tap) columns of
+    [out, in * kh * kw], so its size must be a multiple of kh * kw (whole input channels with all their
+    taps, the conv counterpart of a linear's input-channel groups; activation groups are over channels)."""
     out = []
+    taps = int(math.prod(shape[2:])) if len(shape) > 2 else 1
+    wcfg = lp.weight
+    if (taps > 1 and wcfg is not None and wcfg.group_size is not None and wcfg.granularity == "per_group"
+            and int(wcfg.group_size) % taps):
+        g = int(wcfg.group_size)
+        near = sorted({max(taps, g // taps * taps), (g // taps + 1) * taps})
+        out.append(f"layer {name} ({lp.role}, conv weight {list(shape)}): weight group_size={g} splits input channels "
+                   f"across groups (a conv weight's columns are input channel x {taps} kernel taps); use a multiple of "
+                   f"{taps}, e.g. {' or '.join(map(str, near))} (= {near[0] // taps} or {near[-1] // taps} whole channels), "
+                   "per layer in a plan file (layers.<name>.weight.group_size) or per_channel for this role")
     for side, width in (("weight", weight_width(shape)), ("act", act_width(shape))):
         cfg = getattr(lp, side)
         if cfg is None or cfg.group_size is None or cfg.granularity not in ("per_group", "per_token_group"):
