@@ -234,7 +234,7 @@ def test_ptq4dm_config(compose):
     a, w = run.method.act, run.method.weight
     assert (a.granularity, a.symmetric, a.dynamic, a.range) == ("per_tensor", False, False, "mse")
     assert (w.granularity, w.range) == ("per_channel", "mse")
-    assert list(run.method.layers) == ["qkv", "proj", "cross_attn", "fc1", "fc2"]
+    assert list(run.method.layers) == ["qkv", "proj", "cross_attn", "fc1", "fc2", "conv"]
     gptq = _cfg(compose, "method=gptq")
     assert gptq.method.act.range == "mse" and gptq.method.act.clip_norm == a.clip_norm == 2.4
     with pytest.raises(ConfigError, match="calib.ndtc_std=0.0 must be a finite number > 0"):

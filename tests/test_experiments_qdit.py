@@ -239,7 +239,7 @@ def test_ablation_compositions(composer):
     assert steps(rgd) == ["rtn"] and steps(rgds) == ["group_search", "rtn"] and steps(qd) == ["gptq"]
     for m in (rgd, rgds):  # Q-DiT's quantizers, weights rounded to nearest
         assert (m.weight, m.act, list(m.layers)) == (qd.weight, qd.act, list(qd.layers))
-    assert {tuple(m.layers) for m in (rg, gg, rgd, rgds, qd)} == {("qkv", "proj", "cross_attn", "fc1", "fc2")}
+    assert {tuple(m.layers) for m in (rg, gg, rgd, rgds, qd)} == {("qkv", "proj", "cross_attn", "fc1", "fc2", "conv")}
 
 
 # ----------------------------------------------------------------------------- FP rows of a sweep

@@ -49,7 +49,6 @@ def test_available_metrics():
     ({"metrics": ["fid"], "options": {"clean_fid_mode": "legacy_pytorch"}}, "clean_fid_mode"),
     ({"metrics": ["is"], "options": {"is_splits_size": 0}}, "is_splits_size"),
     ({"metrics": ["fid"], "options": {"torchmetrics_antialias": "no"}}, "torchmetrics_antialias"),
-    ({"metrics": ["sfid"], "feature_net": "digits"}, "sfid"),
     ({"metrics": ["cls_acc"], "feature_net": "inception"}, "cls_acc"),
     ({"metrics": ["fid"], "feature_net": "digits", "options": {"fid_backend": "clean-fid"}}, "inception"),
     ({"metrics": ["fid"], "feature_net": "clip"}, "feature_net"),

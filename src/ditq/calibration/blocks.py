@@ -81,7 +81,7 @@ class BlockRunner:
         got: dict[str, Any] = {}
 
         def hook(module, args, kwargs):
-            got["hidden"], got["args"], got["kwargs"] = args[0], tuple(args[1:]), dict(kwargs)
+            got["call"] = (args, kwargs)
             raise _Stop
 
         handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -91,9 +91,13 @@ class BlockRunner:
             pass
         finally:
             handle.remove()
-        if "hidden" not in got:
+        if "call" not in got:
             raise RuntimeError(f"{type(self.adapter).__name__}: the denoiser never called its first block")
-        return got["hidden"], got["args"], got["kwargs"]
+        return self.first_input(*got["call"])
+
+    def first_input(self, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+        """(hidden input, other positional args, keyword args) from the first block's call arguments."""
+        return args[0], tuple(args[1:]), dict(kwargs)
 
     def block_forward(self, k: int, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
         """Block k on `hidden`, in the caller's grad mode (AdaRound differentiates it)."""

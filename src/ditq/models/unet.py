@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ditq.calibration.blocks import PRE, TAIL, BlockCall, BlockRunner, _Stop
+from ditq.calibration.blocks import PRE, BlockCall, BlockRunner
 from ditq.models.base import LayerInfo, MissingCheckpointError, ModelAdapter, assign_roles, decode_uint8
 from ditq.models.dit import DTYPES, check_finite_weights, file_fingerprint, hub_offline, quiet_diffusers
 
@@ -301,24 +301,11 @@ class UNetRunner(BlockRunner):
             raise TypeError(f"{type(adapter).__name__}: skip-sample (score-SDE) U-Net blocks and Fourier "
                             "timestep embeddings are not supported by the block runner")
 
-    def capture_args(self, x, t, y):
-        got: dict = {}
-
-        def hook(module, args, kwargs):
-            got["hidden"], got["temb"] = kwargs["hidden_states"], kwargs["temb"]
-            raise _Stop
-
-        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            self.adapter.denoise(x, t, y)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if "hidden" not in got:
-            raise RuntimeError(f"{type(self.adapter).__name__}: the U-Net never called its first down block")
-        h = got["hidden"]
-        return (h, h), (), {"temb": got["temb"]}  # state: (hidden, skip stack = (conv_in output,))
+    def first_input(self, args, kwargs):
+        """The first down block is called with keywords: the state (hidden, skip stack = (conv_in output,))
+        and the timestep embedding."""
+        h = kwargs["hidden_states"]
+        return (h, h), (), {"temb": kwargs["temb"]}
 
     def block_forward(self, k: int, state, call: BlockCall):
         """Segment k on the state (hidden states, *skip stack) -> the next state, in the caller's grad
