@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from ditq.data.captions import DIGIT_CAPTIONS, random_caption_indices
 from ditq.data.digits import load_digits_tensors
 from ditq.paths import ASSETS_DIR
-from ditq.train.tiny_dit import ema_update
+from ditq.train.loop import alphas_cumprod, noised, train
 
 DEFAULT_OUT = ASSETS_DIR / "tiny_pixart_digits"
 MAX_TOKENS = 16
@@ -156,41 +155,29 @@ def main(argv: list[str] | None = None) -> None:
     print(f"tiny PixArt: {sum(p.numel() for p in model.transformer.parameters()) / 1e6:.2f}M transformer + "
           f"{sum(p.numel() for p in model.text_encoder.parameters()) / 1e6:.3f}M text encoder parameters")
 
-    betas = torch.linspace(SCHEDULE["beta_start"], SCHEDULE["beta_end"], SCHEDULE["num_train_timesteps"], dtype=torch.float64)
-    alphas_cumprod = torch.cumprod(1 - betas, 0).float()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    abar = alphas_cumprod(SCHEDULE)
     warmup = 200
-    out = Path(args.out)
-    t0 = time.time()
-    running = None
-    for step in range(1, args.steps + 1):
+
+    def loss_at(step):
         idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
         x0 = images[idx]
         cap = torch.from_numpy(random_caption_indices(digits[idx].numpy(), rng))
         cap[torch.rand(args.batch_size, generator=gen) < args.caption_dropout] = null
         t = torch.randint(0, SCHEDULE["num_train_timesteps"], (args.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(model(xt, t, ids_all[cap], mask_all[cap]), noise)
-        for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, step / warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 100 == 0:
-            el = time.time() - t0
-            print(f"step {step}/{args.steps}  loss {running:.4f}  {el:.0f}s  ({el / step:.3f}s/step)", flush=True)
-        if step % args.save_every == 0 or step == args.steps:
-            meta = {"arch": ARCH, "text_arch": TEXT_ARCH, "max_tokens": MAX_TOKENS, "schedule": SCHEDULE,
-                    "steps": step, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
-                    "caption_dropout": args.caption_dropout, "seed": args.seed, "final_loss_ema": running,
-                    "train_seconds": round(time.time() - t0, 1), "torch": torch.__version__}
-            save(ema, tokenizer, out, meta)
-    print(f"saved {out} after {time.time() - t0:.0f}s")
+        return F.mse_loss(model(noised(x0, t, noise, abar), t, ids_all[cap], mask_all[cap]), noise)
+
+    def on_save(step, running, seconds):
+        meta = {"arch": ARCH, "text_arch": TEXT_ARCH, "max_tokens": MAX_TOKENS, "schedule": SCHEDULE,
+                "steps": step, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
+                "caption_dropout": args.caption_dropout, "seed": args.seed, "final_loss_ema": running,
+                "train_seconds": seconds, "torch": torch.__version__}
+        save(ema, tokenizer, out, meta)
+
+    out = Path(args.out)
+    seconds = train(model, ema, steps=args.steps, lr_at=lambda step: args.lr * min(1.0, step / warmup),
+                    loss_at=loss_at, ema_decay=args.ema, save_every=args.save_every, on_save=on_save)
+    print(f"saved {out} after {seconds:.0f}s")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +21,8 @@ import torch.nn.functional as F
 
 from ditq.data.digits import load_digits_tensors
 from ditq.paths import ASSETS_DIR
-from ditq.train.tiny_dit import SCHEDULE, ema_update
+from ditq.train.loop import alphas_cumprod, noised, train
+from ditq.train.tiny_dit import SCHEDULE
 
 DEFAULT_OUT = ASSETS_DIR / "tiny_unet_digits"
 
@@ -80,50 +80,40 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tiny U-Net: {n_params / 1e6:.3f}M parameters")
 
-    betas = torch.linspace(SCHEDULE["beta_start"], SCHEDULE["beta_end"], SCHEDULE["num_train_timesteps"], dtype=torch.float64)
-    alphas_cumprod = torch.cumprod(1 - betas, 0).float()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    abar = alphas_cumprod(SCHEDULE)
     warmup = 200
 
-    out = Path(args.out)
-    t0 = time.time()
-    running = None
-    for step in range(1, args.steps + 1):
+    def lr_at(step):  # linear warm-up, then cosine down to 0.1x
+        cosine = 0.5 * (1 + torch.cos(torch.tensor(step / args.steps * torch.pi))).item()
+        return args.lr * min(1.0, step / warmup) * (0.1 + 0.9 * cosine)
+
+    def loss_at(step):
         idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
         x0 = images[idx]
         t = torch.randint(0, SCHEDULE["num_train_timesteps"], (args.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(model(xt, t).sample, noise)
-        lr = args.lr * min(1.0, step / warmup) * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(step / args.steps * torch.pi))).item())
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 100 == 0:
-            el = time.time() - t0
-            print(f"step {step}/{args.steps}  loss {running:.4f}  {el:.0f}s  ({el / step:.3f}s/step)", flush=True)
-        if step % args.save_every == 0 or step == args.steps:
-            meta = {
-                "arch": ARCH,
-                "schedule": SCHEDULE,
-                "steps": step,
-                "batch_size": args.batch_size,
-                "lr": args.lr,
-                "lr_schedule": "linear warm-up 200, cosine to 0.1x",
-                "ema": args.ema,
-                "seed": args.seed,
-                "final_loss_ema": running,
-                "train_seconds": round(time.time() - t0, 1),
-                "torch": torch.__version__,
-            }
-            save(ema, out, meta)
-    print(f"saved {out} after {time.time() - t0:.0f}s")
+        return F.mse_loss(model(noised(x0, t, noise, abar), t).sample, noise)
+
+    def on_save(step, running, seconds):
+        meta = {
+            "arch": ARCH,
+            "schedule": SCHEDULE,
+            "steps": step,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "lr_schedule": "linear warm-up 200, cosine to 0.1x",
+            "ema": args.ema,
+            "seed": args.seed,
+            "final_loss_ema": running,
+            "train_seconds": seconds,
+            "torch": torch.__version__,
+        }
+        save(ema, out, meta)
+
+    out = Path(args.out)
+    seconds = train(model, ema, steps=args.steps, lr_at=lr_at, loss_at=loss_at, ema_decay=args.ema,
+                    save_every=args.save_every, on_save=on_save)
+    print(f"saved {out} after {seconds:.0f}s")
 
 
 if __name__ == "__main__":
