@@ -21,6 +21,18 @@ from ditq.analysis.embedded import QUICK  # noqa: E402
 SHRINK = list(QUICK)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    on busy shared cores it avoids OpenMP spin contention (~20x) and keeps timings steady."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def paths(tmp_path):
     """Overrides sending the cache and the results store to a temporary directory."""

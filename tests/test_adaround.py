@@ -10,13 +10,7 @@ from ditq.algorithms.adaround import (GAMMA, ZETA, AdaRoundError, SoftRounding, 
 from tests.conftest import SHRINK
 from tests.helpers import random_dit, run_pipeline
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared with other work: one thread keeps these tests fast and steady."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 GRIDS = [

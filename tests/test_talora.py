@@ -14,12 +14,7 @@ from tests.conftest import SHRINK
 from tests.helpers import random_dit, run_pipeline, sampler_cfg
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 TS = [800, 600, 400, 200, 0]  # tests.helpers.sampler_cfg(num_steps=5)'s DDIM timesteps

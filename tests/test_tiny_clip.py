@@ -20,12 +20,7 @@ MIN_ZERO_SHOT = 0.97
 MIN_MARGIN_CLIP = 50.0  # mean CLIP score, matched minus mismatched captions (measured 81.0 - 8.5 = 72.5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

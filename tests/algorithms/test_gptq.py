@@ -34,13 +34,7 @@ GROUPED = {"int4_asym_group32": C("int4", "per_group", group_size=32, symmetric=
            "mxfp4": FORMATS["mxfp4"], "nvfp4": FORMATS["nvfp4"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: one thread avoids OpenMP barrier waits on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------- reference

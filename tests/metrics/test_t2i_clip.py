@@ -15,13 +15,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "t2i"
 PROMPTS = ["the cat", "a dog on the mat", "red", "blue photo", "sit", "the red cat sat on a blue mat"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models on busy shared cores: one intra-op thread avoids OpenMP spin contention (~20x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_tiny_clip(path: Path, seed: int = 0, hidden: int = 32) -> Path:

@@ -34,13 +34,7 @@ ARCH = {"embed_dim": 16,
 PROMPTS = ["the cat", "a dog on the mat", "red", "blue photo sitting", "sleeping dogs, on a sofa!", ""]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models on busy shared cores: one intra-op thread avoids OpenMP spin contention (~20x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,13 +25,7 @@ PROMPTS = ["a cat on the mat", "the red dog sleeping on a blue sofa", "painting"
            "a dog, a cat, a mat, a sofa, " * 6, "[ENC] sleep [DEC]"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models on busy shared cores: one intra-op thread avoids OpenMP spin contention (~20x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def published_state(seed: int = 0, vision: dict = VISION, med: dict = MED) -> dict[str, torch.Tensor]:
