@@ -264,3 +264,29 @@ def test_real_architectures_build_with_random_weights(compose, name):
         isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in adapter.unet.modules())
     assert adapter.latent_shape[1] * (1 if adapter.vae is None else 2 ** (len(adapter.vae.config.block_out_channels) - 1)) \
         == run.model.resolution
+
+
+def test_schedule_is_read_from_both_hub_layouts(tmp_path):
+    """google/ddpm-cifar10-32 keeps config.json and scheduler_config.json at the repo root; pipeline repos in
+    scheduler/. Either is read (private keys dropped); a directory with neither falls back to DDPM's."""
+    import json
+
+    from diffusers import UNet2DModel
+
+    from ditq.models.unet import DDPM_SCHEDULE
+
+    unet = UNet2DModel(**ATTN2)
+    for layout in ("root", "pipeline"):
+        root = tmp_path / layout
+        unet.save_pretrained(root if layout == "root" else root / "unet")
+        sched_dir = root if layout == "root" else root / "scheduler"
+        sched_dir.mkdir(parents=True, exist_ok=True)
+        conf = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": f"linear_{layout}"}
+        (sched_dir / "scheduler_config.json").write_text(json.dumps(conf))
+        cfg = OmegaConf.structured(ModelConfig(name="u", family="unet", weights="local", path=str(root),
+                                               resolution=8, num_classes=1, cfg_channels=None))
+        assert load_adapter(cfg).scheduler_config() == {"num_train_timesteps": 1000, "beta_schedule": f"linear_{layout}"}
+    (tmp_path / "root" / "scheduler_config.json").unlink()
+    cfg = OmegaConf.structured(ModelConfig(name="u", family="unet", weights="local", path=str(tmp_path / "root"),
+                                           resolution=8, num_classes=1, cfg_channels=None))
+    assert load_adapter(cfg).scheduler_config() == DDPM_SCHEDULE

@@ -44,13 +44,14 @@ def decode_uint8(x: torch.Tensor, vae, dtype: torch.dtype, vae_scale: float) -> 
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def read_scheduler_config(root, default: dict) -> dict:
-    """`<root>/scheduler/scheduler_config.json` without diffusers' private keys, else `default`."""
+def read_scheduler_config(root, default: dict, places=("scheduler",)) -> dict:
+    """The first `<root>/<place>/scheduler_config.json` that exists ("" = the root itself, as single-model
+    hub repos keep it), without diffusers' private keys; else `default`."""
     import json
     from pathlib import Path
 
-    if root is not None:
-        path = Path(root) / "scheduler" / "scheduler_config.json"
+    for place in places if root is not None else ():
+        path = Path(root) / place / "scheduler_config.json"
         if path.is_file():
             conf = json.loads(path.read_text())
             return {k: v for k, v in conf.items() if not k.startswith("_")}
@@ -124,9 +125,10 @@ class ModelAdapter(ABC):
     def layers(self) -> list[LayerInfo]:
         """Every quantizable layer (nn.Linear / nn.Conv2d) of the denoiser, with its role."""
 
-    @abstractmethod
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Sampled variable -> images, uint8 NCHW."""
+        """Sampled variable -> images, uint8 NCHW: through the adapter's `vae` (scaled by `cfg.vae_scale`,
+        run in `dtype`) for a latent model, as pixels in [-1, 1] when `vae` is None."""
+        return decode_uint8(x, self.vae, self.dtype, self.cfg.vae_scale)
 
     @abstractmethod
     def fingerprint(self) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ditq.models.base import (LayerInfo, MissingCheckpointError, ModelAdapter, assign_roles, decode_uint8,
+from ditq.models.base import (LayerInfo, MissingCheckpointError, ModelAdapter, assign_roles,
                               read_scheduler_config)
 
 # diffusers module paths -> roles. Every Linear/Conv2d of the model must match one.
@@ -211,9 +211,6 @@ class DiTAdapter(ModelAdapter):
 
     def blocks(self) -> list[nn.Module]:
         return list(self.transformer.transformer_blocks)
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return decode_uint8(x, self.vae, self.dtype, self.cfg.vae_scale)
 
     def scheduler_config(self) -> dict:
         return read_scheduler_config(self.root, DIT_SCHEDULE)

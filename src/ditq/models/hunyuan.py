@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ditq.conditioning.encoder import TextEncoder, TextEncoderMismatchError, warn_truncated
-from ditq.models.base import (LayerInfo, MissingCheckpointError, ModelAdapter, assign_roles, decode_uint8,
+from ditq.models.base import (LayerInfo, MissingCheckpointError, ModelAdapter, assign_roles,
                               read_scheduler_config)
 from ditq.models.dit import (
     DTYPES,
@@ -511,9 +511,6 @@ class HunyuanDiTAdapter(ModelAdapter):
             elif _ONE_ROW.match(info.name):
                 out[info.name] = "tail" if info.name == "norm_out.linear" else "pre"
         return out
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return decode_uint8(x, self.vae, self.dtype, self.cfg.vae_scale)
 
     def scheduler_config(self) -> dict:
         return read_scheduler_config(self.root, HUNYUAN_SCHEDULE)

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from ditq.conditioning.encoder import TextEncoder, TextEncoderMismatchError, warn_truncated
 from ditq.quant.modules import full_precision
-from ditq.models.base import (LayerInfo, MissingCheckpointError, ModelAdapter, assign_roles, decode_uint8,
+from ditq.models.base import (LayerInfo, MissingCheckpointError, ModelAdapter, assign_roles,
                               is_layer, read_scheduler_config)
 from ditq.models.dit import (
     DTYPES,
@@ -445,9 +445,6 @@ class PixArtAdapter(ModelAdapter):
 
     def blocks(self) -> list[nn.Module]:
         return list(self.transformer.transformer_blocks)
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return decode_uint8(x, self.vae, self.dtype, self.cfg.vae_scale)
 
     def scheduler_config(self) -> dict:
         return read_scheduler_config(self.root, PIXART_SCHEDULE)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ditq.calibration.blocks import PRE, BlockCall, BlockRunner
-from ditq.models.base import LayerInfo, MissingCheckpointError, ModelAdapter, assign_roles, decode_uint8
+from ditq.models.base import LayerInfo, MissingCheckpointError, ModelAdapter, assign_roles, read_scheduler_config
 from ditq.models.dit import DTYPES, check_finite_weights, file_fingerprint, hub_offline, quiet_diffusers
 
 _ROLE_PATTERNS = [
@@ -210,17 +210,8 @@ class UNetAdapter(ModelAdapter):
     def block_runner(self) -> "UNetRunner":
         return UNetRunner(self)
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return decode_uint8(x, self.vae, self.dtype, self.cfg.vae_scale)
-
     def scheduler_config(self) -> dict:
-        import json
-
-        if self.root is not None:
-            for path in (self.root / "scheduler" / "scheduler_config.json", self.root / "scheduler_config.json"):
-                if path.is_file():
-                    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-        return dict(DDPM_SCHEDULE)
+        return read_scheduler_config(self.root, DDPM_SCHEDULE, places=("scheduler", ""))  # "": DDPM's hub repo
 
     def fingerprint(self) -> dict:
         fp = {"family": "unet", "name": self.cfg.name, "dtype": str(self.dtype)}
