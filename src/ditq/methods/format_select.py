@@ -51,6 +51,29 @@ FITTING_STEPS = ("rtn", "gptq", "repq")  # steps that fit (and may freeze) quant
 CSV_NAME = "format_select.csv"
 
 
+def check_unfitted(qlayers, sides, step: str) -> None:
+    """Refuse, for a step that replaces quantizers (format_select, mixup_sign), the (layer, side) pairs in
+    `sides` a fitting step has worked on: frozen quantizers, weights with algorithm-rounded values (a
+    weight source), fitted activation ranges. A weight grid without a weight source is what `refresh()`
+    fits at first use (e.g. after `apply_plan`) and is refitted the same way."""
+    bad = []
+    for n, side in sides:
+        layer = qlayers[n]
+        qz = layer.weight_quantizer if side == "weight" else layer.act_quantizer
+        if qz is None:
+            continue
+        if qz.frozen:
+            bad.append(f"{n} {side} (frozen by {qz.frozen_by})")
+        elif side == "weight" and layer.weight_source is not None:
+            bad.append(f"{n} weight (rounded values from an algorithm)")
+        elif side == "act" and qz.is_fitted:
+            bad.append(f"{n} act (ranges fitted)")
+    if bad:
+        raise ValueError(f"{step}: {len(bad)} quantizer(s) it would replace were already fitted: "
+                         f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; {step} must come "
+                         f"before {'/'.join(FITTING_STEPS)} in method.steps")
+
+
 # ----------------------------------------------------------------------------- candidates (torch-free)
 def _spec(fmt: str):
     from ditq.quant.spec import parse_format
@@ -261,26 +284,7 @@ class FormatSelect(Step):
                              "weight_error=mse or leave their roles out of method.layers")
 
     def _check_unfitted(self, ctx: QuantContext, jobs) -> None:
-        """Refuse quantizers a fitting step has worked on: frozen ones, weights with algorithm-rounded
-        values (a weight source), fitted activation ranges. A weight grid without a weight source is
-        what `refresh()` fits at first use (e.g. after `apply_plan`) and is refitted the same way."""
-        bad = []
-        for names, side, _ in jobs:
-            for n in names:
-                layer = ctx.qlayers[n]
-                qz = layer.weight_quantizer if side == "weight" else layer.act_quantizer
-                if qz is None:
-                    continue
-                if qz.frozen:
-                    bad.append(f"{n} {side} (frozen by {qz.frozen_by})")
-                elif side == "weight" and layer.weight_source is not None:
-                    bad.append(f"{n} weight (rounded values from an algorithm)")
-                elif side == "act" and qz.is_fitted:
-                    bad.append(f"{n} act (ranges fitted)")
-        if bad:
-            raise ValueError(f"format_select: {len(bad)} quantizer(s) it would replace were already fitted: "
-                             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; format_select must come "
-                             f"before {'/'.join(FITTING_STEPS)} in method.steps")
+        check_unfitted(ctx.qlayers, [(n, side) for names, side, _ in jobs for n in names], self.name)
 
     def _jobs(self, ctx: QuantContext):
         """[(layer names, side, candidate formats)]; q/k/v of one attention with equal activation

@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 
 from ditq.methods.base import QuantContext, Step
 from ditq.methods.format_select import (FITTING_STEPS, CandidateConfigs, WeightError, act_error, auto_formats,
-                                        spaced_rows)
+                                        check_unfitted, spaced_rows)
 from ditq.quant.runtime import kernel_threads
 
 log = logging.getLogger(__name__)
@@ -301,20 +301,8 @@ class MixupSign(Step):
         return jobs
 
     def _check_unfitted(self, ctx: QuantContext) -> None:
-        bad = []
-        for n, layer in ctx.qlayers.items():
-            wq, aq = layer.weight_quantizer, layer.act_quantizer
-            if self.options.search_weights and wq is not None:
-                if wq.frozen:
-                    bad.append(f"{n} weight (frozen by {wq.frozen_by})")
-                elif layer.weight_source is not None:
-                    bad.append(f"{n} weight (rounded values from an algorithm)")
-            if aq is not None and (aq.frozen or aq.is_fitted):
-                bad.append(f"{n} act ({'frozen by ' + aq.frozen_by if aq.frozen else 'ranges fitted'})")
-        if bad:
-            raise ValueError(f"mixup_sign: {len(bad)} quantizer(s) it would replace were already fitted: "
-                             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; mixup_sign must come before "
-                             f"{'/'.join(FITTING_STEPS)} in method.steps")
+        sides = ["weight", "act"] if self.options.search_weights else ["act"]
+        check_unfitted(ctx.qlayers, [(n, side) for n in ctx.qlayers for side in sides], self.name)
 
     @torch.no_grad()
     def apply(self, ctx: QuantContext) -> None:
