@@ -20,12 +20,13 @@ process when --only ours).
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 
 import torch
 from omegaconf import OmegaConf
+
+from ditq.utils.timing import peak_rss_gib
 
 DEPTH = 28
 
@@ -99,7 +100,7 @@ def run_ours(blocks, n_records, batch, device):
     wall = time.perf_counter() - t0
     params = sum(p.numel() for p in adapter.denoiser.parameters())
     return {"wall": wall, "report": rep, "gptq_s": seg_time, "params": params,
-            "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "rss_gb": peak_rss_gib(),
             "gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -26,30 +25,23 @@ DATASET = "hpsv2"  # any prompt dataset: only the model group matters here
 _TAG = "T2I_FORWARD_RESULT "
 
 
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # Linux: KiB
-
 
 def measure(model: str, warmup: int, repeats: int, num_layers: int | None) -> dict:
     """Runs in the child process: build, encode, time the forward."""
     import torch
-    from hydra import compose, initialize_config_dir
-
-    import ditq.config  # noqa: F401 (resolvers)
     from ditq.conditioning import TextBank
-    from ditq.config import validate_config
+    from ditq.analysis.embedded import compose_run
     from ditq.models import load_adapter
-    from ditq.paths import config_dir
+    from ditq.utils.timing import peak_rss_gib
 
     overrides = [f"model={model}", "model.weights=random", f"dataset={DATASET}"]
     if num_layers:
         overrides.append(f"model.arch.num_layers={num_layers}")
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        run = validate_config(compose("config", overrides=overrides))
+    run = compose_run(overrides)
     t0 = time.perf_counter()
     adapter = load_adapter(run.model, device="cpu", dtype="float32")
     build_s = time.perf_counter() - t0
-    rss_built = _peak_rss_gib()
+    rss_built = peak_rss_gib()
 
     t0 = time.perf_counter()
     enc = adapter.text_encoder()
@@ -82,7 +74,7 @@ def measure(model: str, warmup: int, repeats: int, num_layers: int | None) -> di
             "params_m": params / 1e6, "latent": list(adapter.latent_shape), "tokens": tokens,
             "threads": torch.get_num_threads(), "build_s": build_s, "encode_s": encode_s, "warmup": warmup,
             "forward_s": min(times), "forward_s_all": times, "peak_rss_built_gib": rss_built,
-            "peak_rss_gib": _peak_rss_gib(), "torch": torch.__version__}
+            "peak_rss_gib": peak_rss_gib(), "torch": torch.__version__}
 
 
 def run_child(model: str, args) -> dict:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -30,28 +29,21 @@ DATASET = {"ddpm_cifar10_32": "cifar10", "ldm_celebahq_256": "celebahq", "ldm_ls
 _TAG = "UNET_FORWARD_RESULT "
 
 
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # Linux: KiB
-
 
 def measure(model: str, batches: list[int], warmup: int, repeats: int, backward: bool) -> dict:
     """Runs in the child process: build, time forwards (and one forward + backward per batch size)."""
     import torch
-    from hydra import compose, initialize_config_dir
-
-    import ditq.config  # noqa: F401 (resolvers)
-    from ditq.config import validate_config
+    from ditq.analysis.embedded import compose_run
     from ditq.models import load_adapter
-    from ditq.paths import config_dir
+    from ditq.utils.timing import peak_rss_gib
 
     overrides = [f"model={model}", "model.weights=random", f"dataset={DATASET.get(model, 'digits')}",
                  "eval=adm", "sampler=ddim25_uncond"]
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        run = validate_config(compose("config", overrides=overrides))
+    run = compose_run(overrides)
     t0 = time.perf_counter()
     adapter = load_adapter(run.model, device="cpu", dtype="float32")
     build_s = time.perf_counter() - t0
-    rss_built = _peak_rss_gib()
+    rss_built = peak_rss_gib()
     params = sum(p.numel() for p in adapter.denoiser.parameters())
     rows = []
     for b in batches:
@@ -80,7 +72,7 @@ def measure(model: str, batches: list[int], warmup: int, repeats: int, backward:
             adapter.denoiser.requires_grad_(False)
         rows.append(row)
     return {"model": model, "params": params, "latent": list(adapter.latent_shape), "build_s": build_s,
-            "rss_built_gib": rss_built, "rss_peak_gib": _peak_rss_gib(), "threads": torch.get_num_threads(),
+            "rss_built_gib": rss_built, "rss_peak_gib": peak_rss_gib(), "threads": torch.get_num_threads(),
             "rows": rows}
 
 

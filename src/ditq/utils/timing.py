@@ -1,4 +1,4 @@
-"""Wall-clock timings of a run's stages."""
+"""Wall-clock timings of a run's stages, and the measurements benchmarks take (round-robin timing, peak RSS)."""
 from __future__ import annotations
 
 import statistics
@@ -37,3 +37,10 @@ def time_round_robin(fns: dict[str, Callable[[], object]], reps: int, warmup: in
             fn()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set size in GiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
