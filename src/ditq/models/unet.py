@@ -264,15 +264,9 @@ class UNetAdapter(ModelAdapter):
         if segment == PRE:
             te = u.time_embedding
             return {"time_embedding.linear_1": t_emb, "time_embedding.linear_2": te.act(te.linear_1(t_emb))}
-        emb = u.time_embedding(t_emb)
-        block = self.blocks()[int(segment)]
-        prefix = {v: k for k, v in self._block_index().items()}[int(segment)]
-        prefix = "mid_block." if prefix == "mid" else f"{prefix[0]}.{prefix[1]}."
-        resnets = [(f"resnets.{i}", r) for i, r in enumerate(block.resnets)]
-        for kind in ("downsamplers", "upsamplers"):  # resblock_updown (LDM-8 Churches): ResNets that resample
-            resnets += [(f"{kind}.{i}", r) for i, r in enumerate(getattr(block, kind, None) or [])]
-        return {f"{prefix}{n}.time_emb_proj": r.nonlinearity(emb)
-                for n, r in resnets if getattr(r, "time_emb_proj", None) is not None}
+        emb = u.time_embedding(t_emb)  # each ResNet's time_emb_proj reads nonlinearity(emb)
+        return {name: u.get_submodule(name.rsplit(".", 1)[0]).nonlinearity(emb)
+                for name, seg in self.conditioning_layers().items() if seg == int(segment)}
 
 
 class UNetRunner(BlockRunner):
