@@ -119,8 +119,10 @@ class TALoRA(Step):
             return None
         # keyed by the whole spec: every configuration (a sweep's ablations too) resumes its own checkpoint; a file
         # under the key with another spec (a changed spec format) is logged and replaced
-        key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
-        return Checkpointer(Path(ctx.scratch_dir) / "talora" / key / "checkpoint.pt", spec, explicit=False)
+        from ditq.utils.cache import content_key
+
+        return Checkpointer(Path(ctx.scratch_dir) / "talora" / content_key(spec, 20) / "checkpoint.pt", spec,
+                            explicit=False)
 
     def _check_layers(self, ctx: QuantContext) -> None:
         unfitted = [n for n, q in ctx.qlayers.items() if q.act_quantizer is not None
