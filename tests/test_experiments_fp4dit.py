@@ -1,9 +1,10 @@
 """FP4DiT's tables as experiment files (experiments/fp4dit: PixArt-alpha 512 / 1024, PixArt-Sigma,
 Hunyuan-DiT on COCO captions and the HPSv2 benchmark; experiments/fp4dit_digits: the embedded
-text-to-image and class DiTs). Rows are picked by the sweep key `experiment/<dir>/methods@_global_`
-(a method per row file, so a row can carry its own steps): every sweep job composes and validates,
-no paper number is filled (none are available), the embedded rows differ from their method configs
-only in the stated budget, and Hunyuan-DiT carries no block-wise (AdaRound) row."""
+text-to-image and class DiTs). Rows are picked by the sweep key `experiment/fp4dit/methods@_global_`
+(a method per row file, so a row can carry its own steps) or `experiment/fp4dit_digits/rows@_global_`
+(a method file and a bits preset per row): every sweep job composes and validates, no paper number is
+filled (none are available), the embedded rows differ from their method configs only in the stated
+budget, every embedded row file is swept, and Hunyuan-DiT carries no block-wise (AdaRound) row."""
 from __future__ import annotations
 
 from collections import Counter
@@ -18,10 +19,11 @@ from tests.test_experiments_qdit import PAPER_TABLES, composer, job_runs, label_
 EXP_DIR = config_dir() / "experiment"
 MODELS = ["pixart_alpha_512", "pixart_alpha_1024", "pixart_sigma", "hunyuan"]
 REAL = [f"fp4dit/table_{m}" for m in MODELS] + [f"fp4dit/table_{m}_hpsv2" for m in MODELS]
-DIGITS = ["fp4dit_digits/table_t2i", "fp4dit_digits/table_class_dit"]
+DIGITS = ["fp4dit_digits/table_t2i", "fp4dit_digits/ablation_t2i", "fp4dit_digits/table_class_dit"]
 BITS = {"fp", "w4a8", "w4a6", "w4a8_fp4dit", "w4a6_fp4dit"}
 HPS_STYLE_COLUMNS = ["hpsv2/anime", "hpsv2/concept-art", "hpsv2/paintings", "hpsv2/photo"]
-DIGIT_ROWS = {"rtn_dynamic", "adaround_int", "adaround_fp", "fp4dit_rtn", "fp4dit_plain", "fp4dit", "fp4dit_auto"}
+MAIN_ROWS = {"rtn_dynamic", "adaround_int", "qdit", "fp4dit"}  # the INT baselines at INT bits, FP4DiT at FP bits
+ABLATION_ROWS = {"rtn_dynamic", "adaround_int", "fp4dit_rtn", "fp4dit_plain", "fp4dit", "fp4dit_auto"}
 
 
 def _steps(run) -> list[dict]:
@@ -39,7 +41,7 @@ def test_every_sweep_job_composes_validates_and_has_its_own_row(composer, exp):
     path = EXP_DIR / f"{exp}.yaml"
     assert path.read_text().startswith("# @package _global_"), path
     assert composer([f"experiment={exp}"], hydra=True).hydra.mode.name == "MULTIRUN"
-    assert len(sweep_combinations(composer, exp)) >= 10
+    assert len(sweep_combinations(composer, exp)) >= 9
     runs = job_runs(composer, exp)
     assert all(r.experiment == exp for r in runs), f"{exp}: a row file's `experiment` leaked into a job"
     assert {r.bits.name for r in runs} == BITS
@@ -105,8 +107,16 @@ def test_real_rows_are_the_papers_methods(composer, exp):
 def test_digits_tables_follow_the_embedded_protocol(composer, exp):
     t2i = exp.endswith("t2i")
     runs = job_runs(composer, exp)
-    assert {r.method.name for r in runs} == DIGIT_ROWS
-    assert Counter(r.method.name for r in runs if not is_full_precision(r)) == {m: 4 for m in DIGIT_ROWS}
+    quantized = [r for r in runs if not is_full_precision(r)]
+    if exp == "fp4dit_digits/table_t2i":  # the paper's comparison: each method at W4A8 and W4A6, on its own grid
+        assert Counter(r.method.name for r in quantized) == {m: 2 for m in MAIN_ROWS}
+        for r in quantized:
+            assert r.bits.weight.startswith("fp") == (r.method.name == "fp4dit"), label_of(r)
+            assert r.bits.name.split("_")[0] in ("w4a8", "w4a6"), label_of(r)
+    else:
+        assert {r.method.name for r in quantized} == ABLATION_ROWS
+        assert Counter(r.bits.name for r in quantized if r.method.name == "fp4dit") == \
+               {"w4a8": 1, "w4a6": 1, "w4a8_fp4dit": 1, "w4a6_fp4dit": 1}  # FP vs INT grid, same method
     for run in runs:
         assert run.model.name == ("tiny_pixart_digits" if t2i else "tiny_dit_digits")
         assert (run.calib.source, run.calib.num_samples, run.calib.timesteps) == ("noised_data", 32, "all")
@@ -124,10 +134,10 @@ def test_digits_tables_follow_the_embedded_protocol(composer, exp):
 
 @pytest.mark.parametrize("exp", DIGITS)
 def test_digit_rows_differ_from_their_methods_only_in_the_budget(composer, exp):
-    """Each row file copies its method's steps; only iters (500) and log_every may differ, the group
+    """Each method file copies its method's steps; only iters (500) and log_every may differ, the group
     size is 64, and the ablation rows change exactly what they name."""
-    runs = {r.method.name: r for r in job_runs(composer, exp) if r.bits.name == "w4a8_fp4dit"}
-    base = {"adaround_int": "adaround_int", "adaround_fp": "adaround_fp", "fp4dit_plain": "fp4dit",
+    runs = {r.method.name: r for r in job_runs(composer, exp) if r.bits.name in ("w4a8_fp4dit", "w4a8")}
+    base = {"adaround_int": "adaround_int", "fp4dit_plain": "fp4dit", "qdit": "qdit",
             "fp4dit": "fp4dit", "fp4dit_auto": "fp4dit_auto", "fp4dit_rtn": "fp4dit", "rtn_dynamic": "rtn_dynamic"}
     from ditq.methods.options import AdaRoundOptions
 
@@ -152,18 +162,30 @@ def test_digit_rows_differ_from_their_methods_only_in_the_budget(composer, exp):
                    {k: v for k, v in b_full.items() if k not in drop}, name
         if run.method.weight.get("granularity") == "per_group":
             assert run.method.weight.group_size == 64, name
-    assert runs["fp4dit"].method.formats.fc1 is not None and runs["fp4dit_auto"].method.formats.fc1 is None
-    assert runs["fp4dit"].method.attn.qkv and not runs["adaround_fp"].method.attn.qkv
+    assert runs["fp4dit"].method.formats.fc1 is not None and runs["fp4dit"].method.attn.qkv
+    if "fp4dit_auto" in runs:
+        assert runs["fp4dit_auto"].method.formats.fc1 is None
 
 
 def test_row_files_compose_on_their_own(composer):
     """The row files sit under experiments/ (tests/test_config.py composes every file there): alone, each
     is a valid run named after itself, and inside a table the table's name wins."""
     rows = sorted(p.relative_to(EXP_DIR).with_suffix("").as_posix()
-                  for d in ("fp4dit/methods", "fp4dit_digits/methods") for p in (EXP_DIR / d).glob("*.yaml"))
-    assert len(rows) == 6 + 7
+                  for d in ("fp4dit/methods", "fp4dit_digits/methods", "fp4dit_digits/rows")
+                  for p in (EXP_DIR / d).glob("*.yaml"))
+    assert len(rows) == 6 + 7 + 16
     from ditq.config import validate_config
 
     for row in rows:
         run = validate_config(composer([f"experiment={row}"]))
         assert run.experiment == row
+
+
+def test_every_embedded_row_file_is_swept(composer):
+    files = {p.stem for p in (EXP_DIR / "fp4dit_digits" / "rows").glob("*.yaml")}
+    key = "experiment/fp4dit_digits/rows@_global_="
+    swept = {o[len(key):] for exp in DIGITS for c in sweep_combinations(composer, exp) for o in c if o.startswith(key)}
+    assert swept == files
+    methods = {p.stem for p in (EXP_DIR / "fp4dit_digits" / "methods").glob("*.yaml")}
+    used = {r.method.name for exp in DIGITS for r in job_runs(composer, exp)}
+    assert methods <= used, f"method files no table row uses: {methods - used}"
