@@ -51,6 +51,24 @@ FITTING_STEPS = ("rtn", "gptq", "repq")  # steps that fit (and may freeze) quant
 CSV_NAME = "format_select.csv"
 
 
+def group_shared_acts(items) -> list[tuple[list[str], object]]:
+    """Jobs of a step that chooses formats per layer: `items` are (layer name, role, activation config or
+    None, payload) in layer order. The q/k/v projections of one attention with equal activation settings
+    (the config given) share their input, so they join one job: the first one's, with its payload. Every
+    other item is a job of its own. Returns [(layer names, payload)] in order of first appearance."""
+    jobs, shared = [], {}
+    for name, role, act, payload in items:
+        key = (name.rsplit(".", 1)[0], repr(act)) if role == "qkv" and act is not None else None
+        if key in shared:
+            shared[key][0].append(name)
+            continue
+        job = ([name], payload)
+        jobs.append(job)
+        if key is not None:
+            shared[key] = job
+    return jobs
+
+
 def check_unfitted(qlayers, sides, step: str) -> None:
     """Refuse, for a step that replaces quantizers (format_select, mixup_sign), the (layer, side) pairs in
     `sides` a fitting step has worked on: frozen quantizers, weights with algorithm-rounded values (a
@@ -289,8 +307,7 @@ class FormatSelect(Step):
     def _jobs(self, ctx: QuantContext):
         """[(layer names, side, candidate formats)]; q/k/v of one attention with equal activation
         settings form one activation job."""
-        jobs, skipped = [], defaultdict(set)
-        qkv: dict[tuple, list[str]] = {}
+        items, skipped = [], defaultdict(set)
         for name in ctx.qlayers:
             lp = ctx.plan.layers[name]
             for side in self.options.sides:
@@ -303,18 +320,10 @@ class FormatSelect(Step):
                     continue
                 if list(self.options.formats) == ["auto"] and len(cands) == 1:
                     skipped["INT format: clipping only"].add(f"{side} {cfg.format}")
-                if side == "act" and lp.role == "qkv":
-                    key = (name.rsplit(".", 1)[0], repr(cfg))
-                    if key in qkv:
-                        qkv[key].append(name)
-                        continue
-                    qkv[key] = [name]
-                    jobs.append((qkv[key], side, cands))
-                else:
-                    jobs.append(([name], side, cands))
+                items.append((name, lp.role, cfg if side == "act" else None, (side, cands)))
         for why, what in skipped.items():
             log.info("format_select: %s: %s", why, ", ".join(sorted(what)))
-        return jobs
+        return [(names, side, cands) for names, (side, cands) in group_shared_acts(items)]
 
     @torch.no_grad()
     def apply(self, ctx: QuantContext) -> None:

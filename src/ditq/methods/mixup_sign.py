@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 
 from ditq.methods.base import QuantContext, Step
 from ditq.methods.format_select import (FITTING_STEPS, CandidateConfigs, WeightError, act_error, auto_formats,
-                                        check_unfitted, spaced_rows)
+                                        check_unfitted, group_shared_acts, spaced_rows)
 from ditq.quant.runtime import kernel_threads
 
 log = logging.getLogger(__name__)
@@ -284,21 +284,9 @@ class MixupSign(Step):
 
     def _act_jobs(self, ctx: QuantContext) -> list[list[str]]:
         """Layer groups sharing one act choice: q/k/v of one attention with equal settings, else one layer."""
-        jobs, qkv = [], {}
-        for name in ctx.qlayers:
-            lp = ctx.plan.layers[name]
-            if lp.act is None:
-                continue
-            if lp.role == "qkv":
-                key = (name.rsplit(".", 1)[0], repr(lp.act))
-                if key in qkv:
-                    qkv[key].append(name)
-                    continue
-                qkv[key] = [name]
-                jobs.append(qkv[key])
-            else:
-                jobs.append([name])
-        return jobs
+        layers = ((name, ctx.plan.layers[name]) for name in ctx.qlayers)
+        items = [(name, lp.role, lp.act, None) for name, lp in layers if lp.act is not None]
+        return [names for names, _ in group_shared_acts(items)]
 
     def _check_unfitted(self, ctx: QuantContext) -> None:
         sides = ["weight", "act"] if self.options.search_weights else ["act"]
