@@ -1,6 +1,7 @@
 """The training loop shared by the embedded diffusion models (ditq.train.loop)."""
 import json
 
+import pytest
 import torch
 
 from ditq.train.loop import alphas_cumprod, noised, train
@@ -43,3 +44,22 @@ def test_tiny_unet_script_writes_the_hub_layout(tmp_path):
     meta = json.loads((tmp_path / "train_meta.json").read_text())
     assert meta["steps"] == 2 and meta["final_loss_ema"] > 0
     assert (tmp_path / "unet" / "config.json").is_file() and (tmp_path / "scheduler" / "scheduler_config.json").is_file()
+
+
+@pytest.mark.parametrize("script, own", [("tiny_dit", {"label_dropout": 0.2}), ("tiny_pixart", {"caption_dropout": 0.2}),
+                                         ("tiny_unet", {"lr_schedule": "linear warm-up 200, cosine to 0.1x"})])
+def test_every_training_script_takes_the_shared_options_and_records_them(tmp_path, script, own):
+    import importlib
+
+    main = importlib.import_module(f"ditq.train.{script}").main
+    extra = [f"--{k.replace('_', '-')}={v}" for k, v in own.items() if k != "lr_schedule"]
+    threads = torch.get_num_threads()
+    try:
+        main(["--steps", "2", "--save-every", "2", "--batch-size", "4", "--lr", "1e-3", "--ema", "0.9",
+              "--seed", "3", "--threads", "1", "--out", str(tmp_path), *extra])
+    finally:
+        torch.set_num_threads(threads)
+    meta = json.loads((tmp_path / "train_meta.json").read_text())
+    assert {k: meta[k] for k in ("steps", "batch_size", "lr", "ema", "seed")} == \
+           {"steps": 2, "batch_size": 4, "lr": 1e-3, "ema": 0.9, "seed": 3}
+    assert {k: meta[k] for k in own} == own and "arch" in meta and meta["torch"] == torch.__version__

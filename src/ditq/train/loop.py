@@ -5,15 +5,55 @@ its random numbers in its own order), the learning-rate rule (`lr_at(step)`) and
 holds (`on_save(step, running_loss, seconds)`). The loop does the rest the same way for all of them:
 AdamW without weight decay, gradient clipping at 1.0, an EMA copy with a warm-up of its decay (early
 averages do not hold the random init), a smoothed loss printed every 100 steps, and a checkpoint every
-`save_every` steps and at the end.
+`save_every` steps and at the end. The scripts also share their command-line options
+(`training_parser`, `parse_training_args`) and the run fields of their `train_meta.json`
+(`train_meta`, `write_meta`).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
+
+
+def training_parser(description: str | None, *, steps: int, lr: float, save_every: int,
+                    out: Path) -> argparse.ArgumentParser:
+    """The options every training script takes, with its own defaults; a script adds its own options."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=save_every)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=str(out))
+    return p
+
+
+def parse_training_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, then set torch's thread count (when given) and its global seed."""
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return args
+
+
+def train_meta(args: argparse.Namespace, step: int, running: float, seconds: float, **fields) -> dict:
+    """A checkpoint's `train_meta.json`: the script's own `fields` (architecture, schedule, its options),
+    then the run's shared options, how far it got and with which torch."""
+    return {**fields, "steps": step, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
+            "seed": args.seed, "final_loss_ema": running, "train_seconds": seconds, "torch": torch.__version__}
+
+
+def write_meta(out: Path, meta: dict) -> None:
+    (out / "train_meta.json").write_text(json.dumps(meta, indent=1))
 
 
 def alphas_cumprod(schedule: dict) -> torch.Tensor:

@@ -17,9 +17,7 @@ and saved as identical per-block copies (as diffusers' converted DiT-XL/2 checkp
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 
 from ditq.data.digits import NUM_CLASSES, load_digits_tensors
 from ditq.paths import ASSETS_DIR
-from ditq.train.loop import alphas_cumprod, noised, train
+from ditq.train.loop import alphas_cumprod, noised, parse_training_args, train, train_meta, training_parser, write_meta
 
 DEFAULT_OUT = ASSETS_DIR / "tiny_dit_digits"
 
@@ -95,22 +93,13 @@ def save(model: nn.Module, out: Path, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     untie_embedders(model).save_pretrained(out / "transformer")
     DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False).save_pretrained(out / "scheduler")
-    (out / "train_meta.json").write_text(json.dumps(meta, indent=1))
+    write_meta(out, meta)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--ema", type=float, default=0.999)
+    p = training_parser(__doc__, steps=6000, lr=3e-4, save_every=1000, out=DEFAULT_OUT)
     p.add_argument("--label-dropout", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=1000)
-    p.add_argument("--out", default=str(DEFAULT_OUT))
-    args = p.parse_args(argv)
-
-    torch.manual_seed(args.seed)
+    args = parse_training_args(p, argv)
     gen = torch.Generator().manual_seed(args.seed)
     images, labels = load_digits_tensors()
     model = build_model().train()
@@ -131,19 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         return F.mse_loss(model(noised(x0, t, noise, abar), timestep=t, class_labels=y).sample, noise)
 
     def on_save(step, running, seconds):
-        meta = {
-            "arch": ARCH,
-            "schedule": SCHEDULE,
-            "steps": step,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "ema": args.ema,
-            "label_dropout": args.label_dropout,
-            "seed": args.seed,
-            "final_loss_ema": running,
-            "train_seconds": seconds,
-            "torch": torch.__version__,
-        }
+        meta = train_meta(args, step, running, seconds, arch=ARCH, schedule=SCHEDULE,
+                          label_dropout=args.label_dropout)
         save(ema, out, meta)
 
     out = Path(args.out)

@@ -18,9 +18,7 @@ zeroed cross-attention output and final projection.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,7 @@ import torch.nn.functional as F
 from ditq.data.captions import DIGIT_CAPTIONS, random_caption_indices
 from ditq.data.digits import load_digits_tensors
 from ditq.paths import ASSETS_DIR
-from ditq.train.loop import alphas_cumprod, noised, train
+from ditq.train.loop import alphas_cumprod, noised, parse_training_args, train, train_meta, training_parser, write_meta
 
 DEFAULT_OUT = ASSETS_DIR / "tiny_pixart_digits"
 MAX_TOKENS = 16
@@ -125,25 +123,13 @@ def save(model: Pair, tokenizer, out: Path, meta: dict) -> None:
     model.text_encoder.save_pretrained(out / "text_encoder")
     tokenizer.save_pretrained(out / "tokenizer")
     DPMSolverMultistepScheduler(**SCHEDULE).save_pretrained(out / "scheduler")
-    (out / "train_meta.json").write_text(json.dumps(meta, indent=1))
+    write_meta(out, meta)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=7000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--ema", type=float, default=0.999)
+    p = training_parser(__doc__, steps=7000, lr=3e-4, save_every=500, out=DEFAULT_OUT)
     p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", default=str(DEFAULT_OUT))
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    torch.manual_seed(args.seed)
+    args = parse_training_args(p, argv)
     gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     images, digits = load_digits_tensors()
@@ -168,10 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         return F.mse_loss(model(noised(x0, t, noise, abar), t, ids_all[cap], mask_all[cap]), noise)
 
     def on_save(step, running, seconds):
-        meta = {"arch": ARCH, "text_arch": TEXT_ARCH, "max_tokens": MAX_TOKENS, "schedule": SCHEDULE,
-                "steps": step, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
-                "caption_dropout": args.caption_dropout, "seed": args.seed, "final_loss_ema": running,
-                "train_seconds": seconds, "torch": torch.__version__}
+        meta = train_meta(args, step, running, seconds, arch=ARCH, text_arch=TEXT_ARCH, max_tokens=MAX_TOKENS,
+                          schedule=SCHEDULE, caption_dropout=args.caption_dropout)
         save(ema, tokenizer, out, meta)
 
     out = Path(args.out)

@@ -11,9 +11,7 @@ the embedded model and the real ones load through the same code.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -21,7 +19,7 @@ import torch.nn.functional as F
 
 from ditq.data.digits import load_digits_tensors
 from ditq.paths import ASSETS_DIR
-from ditq.train.loop import alphas_cumprod, noised, train
+from ditq.train.loop import alphas_cumprod, noised, parse_training_args, train, train_meta, training_parser, write_meta
 from ditq.train.tiny_dit import SCHEDULE
 
 DEFAULT_OUT = ASSETS_DIR / "tiny_unet_digits"
@@ -55,24 +53,12 @@ def save(model, out: Path, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "unet")
     DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False).save_pretrained(out / "scheduler")
-    (out / "train_meta.json").write_text(json.dumps(meta, indent=1))
+    write_meta(out, meta)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=8000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--save-every", type=int, default=1000)
-    p.add_argument("--out", default=str(DEFAULT_OUT))
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    torch.manual_seed(args.seed)
+    p = training_parser(__doc__, steps=8000, lr=5e-4, save_every=1000, out=DEFAULT_OUT)
+    args = parse_training_args(p, argv)
     gen = torch.Generator().manual_seed(args.seed)
     images, _ = load_digits_tensors()
     model = build_model().train()
@@ -95,19 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         return F.mse_loss(model(noised(x0, t, noise, abar), t).sample, noise)
 
     def on_save(step, running, seconds):
-        meta = {
-            "arch": ARCH,
-            "schedule": SCHEDULE,
-            "steps": step,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "lr_schedule": "linear warm-up 200, cosine to 0.1x",
-            "ema": args.ema,
-            "seed": args.seed,
-            "final_loss_ema": running,
-            "train_seconds": seconds,
-            "torch": torch.__version__,
-        }
+        meta = train_meta(args, step, running, seconds, arch=ARCH, schedule=SCHEDULE,
+                          lr_schedule="linear warm-up 200, cosine to 0.1x")
         save(ema, out, meta)
 
     out = Path(args.out)
